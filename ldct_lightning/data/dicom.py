@@ -1,0 +1,427 @@
+"""Reading CT series from a DICOM folder tree: headers, slice order and Hounsfield units.
+
+Files are found recursively under any name and grouped by SeriesInstanceUID (never by folder or file
+name). Slices are sorted by their position along the slice normal. Identifiers never reach a message in
+clear text: series and patients are named by hashed keys (:func:`ldct_lightning.privacy.hash_identifier`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut
+from pydicom.uid import MediaStorageDirectoryStorage
+from tqdm.auto import tqdm
+
+from ldct_lightning.privacy import hash_identifier
+
+# Slices closer than this along the normal count as the same position (mm).
+_SAME_POSITION_MM = 1e-3
+
+
+class DicomError(ValueError):
+    """A problem with the DICOM input; ``str(e)`` reads ``"<path>: <problem>. <what to do>"``."""
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """Header summary of one CT series (no pixel data).
+
+    Attributes:
+        series_uid: SeriesInstanceUID, kept in memory only; never log it (use ``series_key``).
+        series_key: hashed SeriesInstanceUID.
+        patient_key: hashed PatientID.
+        modality: DICOM Modality (``"CT"``).
+        files: slice files, sorted along the slice normal (InstanceNumber when geometry is missing).
+        positions_mm: slice positions along the normal, ascending, same order as ``files``.
+        rows: image rows.
+        cols: image columns.
+        pixel_spacing_mm: (row spacing, column spacing).
+        slice_thickness_mm: SliceThickness, if present.
+        kvp: KVP, if present.
+        tube_current_ma: mean XRayTubeCurrent over the slices that have it.
+        exposure_mas: mean Exposure over the slices that have it.
+        ctdi_vol: mean CTDIvol over the slices that have it.
+        series_description: SeriesDescription (may be empty).
+    """
+
+    series_uid: str = field(repr=False)  # a UID must not reach logs through repr()
+    series_key: str
+    patient_key: str
+    modality: str
+    files: tuple[Path, ...]
+    positions_mm: tuple[float, ...]
+    rows: int
+    cols: int
+    pixel_spacing_mm: tuple[float, float]
+    slice_thickness_mm: float | None
+    kvp: float | None
+    tube_current_ma: float | None
+    exposure_mas: float | None
+    ctdi_vol: float | None
+    series_description: str
+
+    @property
+    def n_slices(self) -> int:
+        """Number of slices."""
+        return len(self.files)
+
+
+@dataclass(frozen=True)
+class _SliceHeader:
+    """The tags of one file that the scan needs (small, so that large folders fit in memory)."""
+
+    path: Path
+    series_uid: str
+    patient_id: str
+    rows: int
+    cols: int
+    pixel_spacing: tuple[float, float]
+    orientation: tuple[float, ...] | None
+    position: tuple[float, ...] | None
+    instance_number: int | None
+    slice_thickness: float | None
+    spacing_between_slices: float | None
+    kvp: float | None
+    tube_current: float | None
+    exposure: float | None
+    ctdi_vol: float | None
+    description: str
+
+
+def _has_dicm_marker(path: Path) -> bool:
+    """True when the file carries the DICOM Part 10 preamble and ``DICM`` prefix."""
+    with open(path, "rb") as f:
+        return f.read(132)[128:132] == b"DICM"
+
+
+def _float(ds: Dataset, keyword: str) -> float | None:
+    """A numeric tag as float, or None when absent, empty or not a number."""
+    value = ds.get(keyword)
+    try:
+        return None if value is None or value == "" else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _floats(ds: Dataset, keyword: str, n: int) -> tuple[float, ...] | None:
+    """A multi-valued numeric tag with exactly ``n`` values, or None."""
+    value = ds.get(keyword)
+    try:
+        values = tuple(float(v) for v in value) if value is not None else ()
+    except (TypeError, ValueError):
+        return None
+    return values if len(values) == n else None
+
+
+def _parse_error(path: Path, exc: Exception) -> DicomError:
+    return DicomError(
+        f"{path}: cannot parse the DICOM file ({type(exc).__name__}: {exc}). "
+        "It is truncated or corrupt: re-export it or remove it from the folder"
+    )
+
+
+def _read_header(path: Path) -> Dataset | None:
+    """Read a file's header, or return None (with a warning) when it is not a DICOM image file."""
+    if not _has_dicm_marker(path):
+        warnings.warn(
+            f"{path}: not a DICOM file (no 'DICM' marker), skipped. "
+            "Files without the DICOM Part 10 header must be re-exported to be read",
+            stacklevel=3,
+        )
+        return None
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as e:  # any parse failure of a file that claims to be DICOM means corruption
+        raise _parse_error(path, e) from e
+    if ds.file_meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage:
+        warnings.warn(f"{path}: DICOMDIR index file, skipped", stacklevel=3)
+        return None
+    return ds
+
+
+def _slice_header(path: Path, ds: Dataset) -> _SliceHeader:
+    """Extract the scan's tags from a CT header, failing clearly when required ones are missing."""
+    required = ("SeriesInstanceUID", "Rows", "Columns", "PixelSpacing")
+    missing = [k for k in required if ds.get(k) in (None, "")]
+    spacing = _floats(ds, "PixelSpacing", 2)
+    if not missing and spacing is None:
+        missing = ["PixelSpacing"]
+    if missing:
+        raise DicomError(
+            f"{path}: the DICOM header lacks {', '.join(missing)}. The file is truncated or not a CT "
+            "image: re-export it or remove it from the folder"
+        )
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        raise DicomError(
+            f"{path}: multi-frame (enhanced) CT images are not supported. "
+            "Export the series as single-frame CT Image Storage files"
+        )
+    instance = _float(ds, "InstanceNumber")
+    return _SliceHeader(
+        path=path,
+        series_uid=str(ds.SeriesInstanceUID),
+        patient_id=str(ds.get("PatientID", "") or ""),
+        rows=int(ds.Rows),
+        cols=int(ds.Columns),
+        pixel_spacing=(spacing[0], spacing[1]),
+        orientation=_floats(ds, "ImageOrientationPatient", 6),
+        position=_floats(ds, "ImagePositionPatient", 3),
+        instance_number=int(instance) if instance is not None else None,
+        slice_thickness=_float(ds, "SliceThickness"),
+        spacing_between_slices=_float(ds, "SpacingBetweenSlices"),
+        kvp=_float(ds, "KVP"),
+        tube_current=_float(ds, "XRayTubeCurrent"),
+        exposure=_float(ds, "Exposure"),
+        ctdi_vol=_float(ds, "CTDIvol"),
+        description=str(ds.get("SeriesDescription", "") or ""),
+    )
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    """Mean of the values that are present (tube current modulation varies them per slice)."""
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
+
+
+def _check_consistent(key: str, headers: Sequence[_SliceHeader]) -> None:
+    """One matrix size, one pixel spacing and one orientation per series."""
+    first = headers[0]
+    for h in headers[1:]:
+        if (h.rows, h.cols) != (first.rows, first.cols):
+            problem = (
+                f"mixes matrix sizes ({first.rows}x{first.cols} in {first.path.name}, {h.rows}x{h.cols} here)"
+            )
+        elif not np.allclose(h.pixel_spacing, first.pixel_spacing, atol=1e-4):
+            problem = f"mixes pixel spacings ({first.pixel_spacing} mm in {first.path.name}, {h.pixel_spacing} mm here)"
+        elif (
+            h.orientation is not None
+            and first.orientation is not None
+            and not np.allclose(h.orientation, first.orientation, atol=1e-3)
+        ):
+            problem = f"mixes slice orientations ({first.path.name} and this file)"
+        else:
+            continue
+        raise DicomError(
+            f"{h.path}: series {key} {problem}. A series must be one stack of equal slices: "
+            "re-export it or remove the odd files"
+        )
+
+
+def _slice_positions(key: str, headers: Sequence[_SliceHeader]) -> list[float]:
+    """Position of each slice along the slice normal; InstanceNumber times the slice step as fallback."""
+    if all(h.orientation is not None and h.position is not None for h in headers):
+        orientation = np.asarray(headers[0].orientation)
+        normal = np.cross(orientation[:3], orientation[3:])
+        return [float(np.dot(h.position, normal)) for h in headers]
+    no_geometry = next(h for h in headers if h.orientation is None or h.position is None)
+    no_instance = next((h for h in headers if h.instance_number is None), None)
+    if no_instance is not None and len(headers) > 1:
+        raise DicomError(
+            f"{no_instance.path}: cannot order the slices of series {key}: ImagePositionPatient/"
+            "ImageOrientationPatient and InstanceNumber are missing. Re-export the series with its geometry tags"
+        )
+    step = no_geometry.spacing_between_slices or no_geometry.slice_thickness or 1.0
+    warnings.warn(
+        f"{no_geometry.path}: series {key} lacks ImagePositionPatient/ImageOrientationPatient; slices are "
+        f"ordered by InstanceNumber and positions estimated with a {step:g} mm step",
+        stacklevel=4,
+    )
+    return [float(h.instance_number or 0) * step for h in headers]
+
+
+def _make_series(series_uid: str, headers: Sequence[_SliceHeader]) -> SeriesInfo:
+    """Check, sort and summarise the headers of one series."""
+    key = hash_identifier(series_uid)
+    _check_consistent(key, headers)
+    positions = _slice_positions(key, headers)
+    order = sorted(
+        range(len(headers)),
+        key=lambda i: (positions[i], headers[i].instance_number or 0, str(headers[i].path)),
+    )
+    headers = [headers[i] for i in order]
+    positions = [positions[i] for i in order]
+    duplicates = int(np.sum(np.diff(positions) < _SAME_POSITION_MM))
+    if duplicates:
+        i = int(np.argmax(np.diff(positions) < _SAME_POSITION_MM))
+        warnings.warn(
+            f"{headers[i + 1].path}: series {key} has {duplicates} slice(s) at a duplicate position "
+            f"(e.g. {positions[i]:.2f} mm); check for a repeated acquisition in the series",
+            stacklevel=3,
+        )
+    first = headers[0]
+    if not first.patient_id:
+        warnings.warn(
+            f"{first.path}: series {key} has no PatientID; all such series count as one patient", stacklevel=3
+        )
+    return SeriesInfo(
+        series_uid=series_uid,
+        series_key=key,
+        patient_key=hash_identifier(first.patient_id),
+        modality="CT",
+        files=tuple(h.path for h in headers),
+        positions_mm=tuple(positions),
+        rows=first.rows,
+        cols=first.cols,
+        pixel_spacing_mm=first.pixel_spacing,
+        slice_thickness_mm=first.slice_thickness,
+        kvp=first.kvp,
+        tube_current_ma=_mean([h.tube_current for h in headers]),
+        exposure_mas=_mean([h.exposure for h in headers]),
+        ctdi_vol=_mean([h.ctdi_vol for h in headers]),
+        series_description=first.description,
+    )
+
+
+def scan_dicom_folder(
+    root: str | Path, progress: bool = False, allow_non_ct: bool = False
+) -> list[SeriesInfo]:
+    """Find all CT series under a folder (recursively, any file names) from their headers only.
+
+    Non-DICOM files and DICOMDIR index files are skipped with a warning, as are localizer (scout)
+    images.
+
+    Args:
+        root: folder to scan.
+        progress: show a tqdm progress bar.
+        allow_non_ct: skip files of other modalities with a warning instead of failing.
+
+    Returns:
+        The series, sorted by (patient_key, series_key).
+
+    Raises:
+        DicomError: no DICOM found, a corrupt or truncated header, a non-CT file (unless allowed), an
+            inconsistent series, or slices that cannot be ordered.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DicomError(
+            f"{root}: not a folder. Point the data path to the folder that holds the DICOM files"
+        )
+    paths = sorted(p for p in root.rglob("*") if p.is_file())
+    by_series: dict[str, list[_SliceHeader]] = defaultdict(list)
+    skipped: dict[str, list[Path]] = defaultdict(list)  # reason -> files
+    for path in tqdm(paths, desc="scan DICOM", unit="file", disable=not progress):
+        ds = _read_header(path)
+        if ds is None:
+            continue
+        modality = str(ds.get("Modality", "") or "")
+        if modality and modality != "CT":
+            if not allow_non_ct:
+                raise DicomError(
+                    f"{path}: modality is {modality}, not CT. Remove non-CT files from the folder "
+                    "or pass allow_non_ct=True to skip them"
+                )
+            skipped[f"modality {modality}"].append(path)
+            continue
+        if "LOCALIZER" in [str(v).upper() for v in ds.get("ImageType", [])]:
+            skipped["localizer (scout) image"].append(path)
+            continue
+        header = _slice_header(path, ds)
+        by_series[header.series_uid].append(header)
+    for reason, files in skipped.items():
+        warnings.warn(f"{files[0]}: skipped {len(files)} file(s) ({reason})", stacklevel=2)
+    if not by_series:
+        raise DicomError(
+            f"{root}: no DICOM CT image found among {len(paths)} file(s). "
+            "Point the data path to the folder that holds the exported CT series"
+        )
+    series = [_make_series(uid, headers) for uid, headers in by_series.items()]
+    return sorted(series, key=lambda s: (s.patient_key, s.series_key))
+
+
+def _decode_hu(path: Path) -> tuple[np.ndarray, bool]:
+    """Decode one slice to HU. Returns the float32 image and whether the rescale tags were missing."""
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as e:  # missing marker, truncated header, unreadable file
+        raise _parse_error(path, e) from e
+    if "PixelData" not in ds:
+        raise DicomError(
+            f"{path}: no pixel data found (missing or truncated). Re-export the series or remove the file"
+        )
+    try:
+        stored = ds.pixel_array
+    except Exception as e:  # truncated pixel data, missing decoder, corrupt stream
+        syntax = ds.file_meta.get("TransferSyntaxUID")
+        todo = "The file is truncated or corrupt: re-export it or remove it from the folder"
+        if syntax is not None and syntax.is_compressed:
+            todo = (
+                f"The file is truncated or corrupt, or no decoder for {syntax.name} is installed: re-export "
+                "it, or pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle"
+            )
+        raise DicomError(f"{path}: cannot decode the pixel data ({type(e).__name__}: {e}). {todo}") from e
+    if stored.ndim != 2:
+        raise DicomError(f"{path}: expected a single 2-D slice, got pixel data of shape {stored.shape}")
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    if "ModalityLUTSequence" in ds or (slope not in (None, "") and intercept not in (None, "")):
+        return np.asarray(apply_modality_lut(stored, ds), dtype=np.float32), False
+    # Some CT exports omit the rescale tags; their stored values are then taken as HU.
+    slope = 1.0 if slope in (None, "") else float(slope)
+    intercept = 0.0 if intercept in (None, "") else float(intercept)
+    return (stored.astype(np.float64) * slope + intercept).astype(np.float32), True
+
+
+def _warn_missing_rescale(path: Path, detail: str = "") -> None:
+    warnings.warn(
+        f"{path}: RescaleSlope/RescaleIntercept missing{detail}; assuming slope 1 and intercept 0 "
+        "(HU = stored value). Check the HU range of this export",
+        stacklevel=3,
+    )
+
+
+def read_slice_hu(path: Path) -> np.ndarray:
+    """Read one slice in Hounsfield units through the modality LUT (RescaleSlope/Intercept).
+
+    Args:
+        path: a DICOM CT file (any transfer syntax that pydicom's pixel handlers decode).
+
+    Returns:
+        float32 array (rows, cols) in HU.
+
+    Raises:
+        DicomError: the file is not DICOM, is truncated or corrupt, or has no pixel data.
+    """
+    hu, missing_rescale = _decode_hu(Path(path))
+    if missing_rescale:
+        _warn_missing_rescale(path)
+    return hu
+
+
+def read_series_hu(series: SeriesInfo, progress: bool = False) -> np.ndarray:
+    """Read a whole series in Hounsfield units, in the order of ``series.files``.
+
+    Args:
+        series: a series from :func:`scan_dicom_folder`.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        float32 array (n_slices, rows, cols) in HU.
+
+    Raises:
+        DicomError: a slice cannot be read or its size differs from the scanned header.
+    """
+    volume = np.empty((series.n_slices, series.rows, series.cols), dtype=np.float32)
+    missing_rescale: list[Path] = []
+    files = tqdm(series.files, desc=f"read series {series.series_key}", unit="slice", disable=not progress)
+    for i, path in enumerate(files):
+        hu, missing = _decode_hu(path)
+        if hu.shape != volume.shape[1:]:
+            raise DicomError(
+                f"{path}: slice is {hu.shape[0]}x{hu.shape[1]}, but series {series.series_key} was scanned as "
+                f"{series.rows}x{series.cols}. The files changed since the scan: scan the folder again"
+            )
+        volume[i] = hu
+        if missing:
+            missing_rescale.append(path)
+    if missing_rescale:
+        detail = f" (in {len(missing_rescale)} of {series.n_slices} files of series {series.series_key})"
+        _warn_missing_rescale(missing_rescale[0], detail)
+    return volume
