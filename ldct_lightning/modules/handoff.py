@@ -1,0 +1,106 @@
+"""Stage-1 -> stage-2 hand-off: load only the generator's weights from a Lightning checkpoint.
+
+The checkpoint is read with ``weights_only=True``: tensors and plain containers only, no unpickling of config
+objects, so a checkpoint from another version of the code (or someone else's machine) cannot run code on load.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot initialise the generator; ``str(e)`` names the file and what to do."""
+
+
+def load_generator_weights(
+    generator: nn.Module, checkpoint_path: str | Path, prefix: str = "generator."
+) -> None:
+    """Copy the ``prefix``-ed ``state_dict`` entries of a Lightning checkpoint into ``generator`` (strictly).
+
+    Args:
+        generator: the network to initialise (changed in place).
+        checkpoint_path: a ``.ckpt`` file written by Lightning (e.g. stage 1's ``last.ckpt``).
+        prefix: key prefix of the generator's parameters in the checkpoint's ``state_dict``.
+
+    Raises:
+        CheckpointError: missing file, no ``state_dict``, no key with ``prefix``, missing/unexpected keys or
+            a shape mismatch (the first mismatching key is named with both shapes).
+    """
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file. Give the path of a stage-1 .ckpt file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        # torch's own message is long; keep the name of the refused object, if any
+        refused = re.findall(r"Unsupported global: GLOBAL (\S+)", str(e))
+        raise CheckpointError(
+            f"{path}: cannot be loaded with weights_only=True (not a torch checkpoint, truncated, or holding "
+            f"pickled objects other than tensors and plain values{', here ' + refused[0] if refused else ''}). "
+            "Give a Lightning checkpoint whose hyperparameters are plain values"
+        ) from e
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{path}: has no 'state_dict'. Give a Lightning checkpoint (.ckpt)")
+    state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    if not state:
+        raise CheckpointError(
+            f"{path}: no state_dict key starts with {prefix!r}. Give a checkpoint of a module that holds "
+            "the generator under that name (stage 1, stage 2)"
+        )
+    own = generator.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: the generator's keys differ from the checkpoint's ({len(missing)} missing, e.g. "
+            f"{missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]}). "
+            "Build the generator with the same model config (model.generator.*) as the checkpoint's stage"
+        )
+    for key, value in own.items():
+        if value.shape != state[key].shape:
+            raise CheckpointError(
+                f"{path}: shape mismatch for {prefix}{key}: checkpoint {tuple(state[key].shape)}, "
+                f"generator {tuple(value.shape)}. Build the generator with the same model config "
+                "(model.generator.*) as the checkpoint's stage"
+            )
+    generator.load_state_dict(state, strict=True)
+
+
+def find_latest_checkpoint(run_root: str | Path, stage_dir: str = "first", which: str = "last") -> Path:
+    """Find the newest ``<run>/<stage_dir>/checkpoints/*.ckpt`` anywhere under ``run_root``.
+
+    Args:
+        run_root: a directory holding run directories (searched recursively), or one run directory.
+        stage_dir: the stage's folder name inside a run (``first`` or ``second``).
+        which: ``last`` (the ``last.ckpt`` files) or ``best`` (every other ``.ckpt``, e.g. ``best-epoch012.ckpt``).
+
+    Returns:
+        The most recently modified matching checkpoint.
+
+    Raises:
+        CheckpointError: when ``run_root`` does not exist or holds no matching checkpoint.
+    """
+    if which not in ("last", "best"):
+        raise ValueError(f"which={which!r}: use 'last' or 'best'")
+    root = Path(run_root)
+    if not root.is_dir():
+        raise CheckpointError(
+            f"{root}: no such directory. Train stage {stage_dir!r} first or give a checkpoint path"
+        )
+    found = [
+        p
+        for p in root.glob(f"**/{stage_dir}/checkpoints/*.ckpt")
+        if p.is_file() and (p.stem.startswith("last") == (which == "last"))
+    ]
+    if not found:
+        raise CheckpointError(
+            f"{root}: no {which} checkpoint under */{stage_dir}/checkpoints/. "
+            f"Train stage {stage_dir!r} first or give a checkpoint path"
+        )
+    return max(found, key=lambda p: p.stat().st_mtime)

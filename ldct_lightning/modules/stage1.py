@@ -1,0 +1,68 @@
+"""Stage 1 (``firstStep``): supervised training of the generator on simulated, pixel-aligned pairs (eq. 8)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ldct_lightning.data.normalize import HU_MAX, HU_MIN
+from ldct_lightning.modules.base import DenoisingModule
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+
+
+class Stage1Module(DenoisingModule):
+    """Supervised generator training: L1 + 2 (1 - SSIM) + perceptual loss on ``simulated`` batches.
+
+    Args:
+        generator: the denoising network.
+        loss: a module returning ``(total, {term: value})`` for ``(pred, target)``, e.g.
+            :class:`ldct_lightning.losses.Stage1Loss`.
+        optimizer: a partial optimizer taking the parameters (Hydra ``_partial_: true``).
+        scheduler: a partial LR scheduler taking the optimizer, stepped once per epoch; or None.
+        panel_every_n_epochs: see :class:`DenoisingModule`.
+        hu_min: HU mapped to 0 by the data normalisation.
+        hu_max: HU mapped to 1 by the data normalisation.
+    """
+
+    def __init__(
+        self,
+        generator: nn.Module,
+        loss: nn.Module,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        panel_every_n_epochs: int = 10,
+        hu_min: float = HU_MIN,
+        hu_max: float = HU_MAX,
+    ) -> None:
+        super().__init__(generator, panel_every_n_epochs, hu_min, hu_max)
+        self.save_hyperparameters(ignore=["generator", "loss", "optimizer", "scheduler"])
+        self.loss = loss
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        # the loss holds a frozen VGG loaded from its own file: keep it out of checkpoints (tens of MB)
+        self.strict_loading = False
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("loss.")]:
+            del state[key]
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        pred = self(batch["input"])
+        total, terms = self.loss(pred, batch["target"])
+        batch_size = pred.shape[0]
+        self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
+        self.log_dict({f"train/{k}": v for k, v in terms.items()}, batch_size=batch_size)
+        return total
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.optimizer_factory(self.generator.parameters())
+        if self.scheduler_factory is None:
+            return {"optimizer": optimizer}
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

@@ -1,0 +1,197 @@
+"""Stage 2: WGAN-GP (eq. 9) on unaligned LDCT / NDCT crops, generator initialised from stage 1 (or randomly).
+
+Per training batch: ``n_critic`` critic updates, then one generator update (manual optimization).
+
+Budgets are in epochs: with manual optimization every ``optimizer.step()`` counts towards ``trainer.global_step``,
+so one batch advances it by ``n_critic + 1`` (``max_steps`` and step-based intervals count optimizer steps).
+Logs are per batch (Lightning's logging step counts batches).
+
+DDP: each backward leaves one network without gradients (the generator in the critic's backward, the critic in
+the generator's, as the optimizers are toggled), so DDP needs ``strategy=ddp_find_unused_parameters_true``.
+Gradient clipping is not applied (Lightning does not clip under manual optimization).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ldct_lightning.data.normalize import HU_MAX, HU_MIN
+from ldct_lightning.losses import gradient_penalty
+from ldct_lightning.modules.base import DenoisingModule
+from ldct_lightning.modules.handoff import load_generator_weights
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+
+
+class Stage2Module(DenoisingModule):
+    """Adversarial generator training with a Wasserstein critic and gradient penalty on ``unaligned`` batches.
+
+    Critic loss: ``D(G(ldct)) - D(ndct) + lambda_gp * GP``; generator loss: ``-D(G(ldct))`` plus, optionally,
+    ``content_weight * content_loss(G(ldct), ldct)`` (eq. 9 has no content term: weight 0 by default).
+    The paper gives Adam with lr 1e-5, batch 20, 128x128 crops and StepLR (40 epochs, x0.6) but not Adam's
+    betas; the configs use (0.5, 0.999) as in stage 1.
+
+    Args:
+        generator: the denoising network.
+        critic: the Wasserstein critic (one score per image, no sigmoid).
+        optimizer_g: a partial optimizer taking the generator's parameters (Hydra ``_partial_: true``).
+        optimizer_c: a partial optimizer taking the critic's parameters.
+        scheduler_g: a partial LR scheduler for ``optimizer_g``, stepped once per epoch; or None.
+        scheduler_c: the same for ``optimizer_c``.
+        n_critic: critic updates per generator update.
+        lambda_gp: weight of the gradient penalty.
+        content_loss: a module ``(pred, ldct) -> loss`` (or ``-> (loss, terms)``); None with
+            ``content_weight > 0`` means L1 to the LDCT input.
+        content_weight: weight of the content term in the generator loss (0: adversarial only).
+        generator_init: ``None`` / ``"random"`` (keep the generator's initialisation) or the path of a
+            checkpoint (e.g. stage 1's) whose ``generator.*`` weights are loaded.
+        panel_every_n_epochs: see :class:`DenoisingModule`.
+        hu_min: HU mapped to 0 by the data normalisation.
+        hu_max: HU mapped to 1 by the data normalisation.
+    """
+
+    def __init__(
+        self,
+        generator: nn.Module,
+        critic: nn.Module,
+        optimizer_g: OptimizerFactory,
+        optimizer_c: OptimizerFactory,
+        scheduler_g: SchedulerFactory | None = None,
+        scheduler_c: SchedulerFactory | None = None,
+        n_critic: int = 3,
+        lambda_gp: float = 10.0,
+        content_loss: nn.Module | None = None,
+        content_weight: float = 0.0,
+        generator_init: str | None = None,
+        panel_every_n_epochs: int = 10,
+        hu_min: float = HU_MIN,
+        hu_max: float = HU_MAX,
+    ) -> None:
+        super().__init__(generator, panel_every_n_epochs, hu_min, hu_max)
+        if n_critic < 1:
+            raise ValueError(f"n_critic={n_critic}: must be at least 1")
+        if content_weight < 0:
+            raise ValueError(f"content_weight={content_weight}: must be >= 0")
+        self.save_hyperparameters(
+            ignore=[
+                "generator",
+                "critic",
+                "optimizer_g",
+                "optimizer_c",
+                "scheduler_g",
+                "scheduler_c",
+                "content_loss",
+            ]
+        )
+        self.automatic_optimization = False
+        self.critic = critic
+        self.optimizer_factories = (optimizer_g, optimizer_c)
+        self.scheduler_factories = (scheduler_g, scheduler_c)
+        self.n_critic = n_critic
+        self.lambda_gp = lambda_gp
+        self.content_weight = content_weight
+        if content_loss is None and content_weight > 0:
+            content_loss = nn.L1Loss()
+        self.content_loss = content_loss
+        if content_loss is not None and content_loss.state_dict():
+            # e.g. a frozen VGG loaded from its own file: kept out of checkpoints (see on_save_checkpoint)
+            self.strict_loading = False
+        if generator_init not in (None, "random"):
+            load_generator_weights(self.generator, generator_init)
+        self._grad_norms: dict[str, torch.Tensor] = {}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("content_loss.")]:
+            del state[key]
+        # the weights are in this checkpoint: reloading it must not need the stage-1 file any more
+        hparams = checkpoint.get("hyper_parameters", {})
+        if hparams.get("generator_init") not in (None, "random"):
+            checkpoint["generator_init_source"] = str(hparams["generator_init"])
+            hparams["generator_init"] = None
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        ldct, ndct = batch["ldct"], batch["ndct"]
+        opt_g, opt_c = self.optimizers()
+        batch_size = ldct.shape[0]
+        # The generator does not change during the critic updates, so one forward pass serves them (detached)
+        # and the generator update (with its graph): the same numbers as recomputing G(ldct) each time, one
+        # batch-norm statistics update per batch, at the cost of keeping its activations through the critic updates.
+        fake = self.generator(ldct)
+
+        with self.toggled_optimizer(opt_c):
+            for _ in range(self.n_critic):
+                score_real = self.critic(ndct).mean()
+                score_fake = self.critic(fake.detach()).mean()
+                gp = gradient_penalty(self.critic, ndct, fake.detach())
+                loss_c = score_fake - score_real + self.lambda_gp * gp
+                opt_c.zero_grad()
+                self.manual_backward(loss_c)
+                opt_c.step()
+
+        with self.toggled_optimizer(opt_g):
+            loss_adv = -self.critic(fake).mean()
+            loss_g = loss_adv
+            if self.content_loss is not None and self.content_weight > 0:
+                content = self.content_loss(fake, ldct)
+                content = content[0] if isinstance(content, tuple) else content
+                loss_g = loss_g + self.content_weight * content
+                self.log("train/content", content, batch_size=batch_size)
+            opt_g.zero_grad()
+            self.manual_backward(loss_g)
+            opt_g.step()
+
+        self.log("train/loss_generator", loss_g, prog_bar=True, batch_size=batch_size)
+        self.log_dict(
+            {
+                # the last critic update's estimate; its negative is the critic's loss without the penalty
+                "train/wasserstein": (score_real - score_fake).detach(),
+                "train/gp": gp.detach(),
+                "train/loss_critic": loss_c.detach(),
+                "train/loss_adversarial": loss_adv.detach(),
+                **{f"train/grad_norm_{name}": norm for name, norm in self._grad_norms.items()},
+            },
+            batch_size=batch_size,
+        )
+        self.log_dict(
+            {
+                "train/lr_generator": opt_g.param_groups[0]["lr"],
+                "train/lr_critic": opt_c.param_groups[0]["lr"],
+            },
+            on_step=False,
+            on_epoch=True,
+            batch_size=batch_size,
+        )
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # called after the precision plugin unscales 16-mixed gradients, so the norm is the true one
+        opt_g, _ = self.optimizers()
+        name = "generator" if optimizer is opt_g.optimizer else "critic"
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            self._grad_norms[name] = torch.nn.utils.get_total_norm(grads).detach()
+
+    def on_train_epoch_end(self) -> None:
+        # manual optimization: Lightning does not step the schedulers
+        schedulers = self.lr_schedulers()
+        if schedulers is None:
+            return
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
+            scheduler.step()
+
+    def configure_optimizers(self) -> list[dict[str, Any]]:
+        configs = []
+        for net, make_opt, make_sched in zip(
+            (self.generator, self.critic), self.optimizer_factories, self.scheduler_factories, strict=True
+        ):
+            optimizer = make_opt(net.parameters())
+            config: dict[str, Any] = {"optimizer": optimizer}
+            if make_sched is not None:
+                config["lr_scheduler"] = {"scheduler": make_sched(optimizer), "interval": "epoch"}
+            configs.append(config)
+        return configs
