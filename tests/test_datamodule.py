@@ -1,0 +1,270 @@
+"""LDCTDataModule end to end on a tiny DICOM set: setup, one batch of each loader, config errors."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from ldct_lightning.data.cache import SeriesCache
+from ldct_lightning.data.datamodule import DataConfigError, LDCTDataModule
+from ldct_lightning.data.dicom_write import CTSeriesSpec, write_ct_series
+from ldct_lightning.data.normalize import HU_MAX, HU_MIN
+from ldct_lightning.privacy import hash_identifier
+
+SIZE, N_SLICES = 48, 5
+ND_SD, LD_SD = 8.0, 32.0
+
+
+def write_dataset(
+    root: Path, n_patients: int = 4, truth: bool = False, subdir: str = "dicom", seed: int = 0
+) -> dict[str, dict]:
+    """Per patient a disc phantom (40 HU in air) as an NDCT (CTDIvol 12) and an LDCT (CTDIvol 1.5) series.
+
+    The LDCT series sits 0.4 mm higher in z; with ``truth`` a ``truth/<patient_key>.npz`` holds the clean
+    LDCT volume (40 HU, but 100 HU in a square ROI, label 2) like the synthetic data set.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:SIZE, :SIZE] - (SIZE - 1) / 2
+    body = (yy**2 + xx**2) < (0.45 * SIZE) ** 2
+    clean = np.where(body, 40.0, -1000.0)
+    clean[10:18, 20:28] = 100.0
+    labels = np.where(clean == 100.0, 2, 0).astype(np.uint8)
+    out = {}
+    for i in range(n_patients):
+        pid = f"PAT-{i:03d}"
+        z = {}
+        for role, sd, ctdi, dz in (("ndct", ND_SD, 12.0, 0.0), ("ldct", LD_SD, 1.5, 0.4)):
+            volume = clean[None] + rng.normal(0, sd, (N_SLICES, SIZE, SIZE)) * body
+            z[role] = np.arange(N_SLICES) * 1.25 + dz
+            spec = CTSeriesSpec(patient_id=pid, ctdi_vol=ctdi, series_description=role)
+            write_ct_series(volume, spec, z[role], root / subdir / pid / role)
+        key = hash_identifier(pid)
+        if truth:
+            (root / "truth").mkdir(exist_ok=True)
+            np.savez(
+                root / "truth" / f"{key}.npz",
+                clean_ld=np.repeat(clean[None], N_SLICES, 0).astype(np.float32),
+                labels_ld=np.repeat(labels[None], N_SLICES, 0),
+                z_ld=z["ldct"],
+            )
+        out[key] = {"patient_id": pid}
+    return out
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny")
+    write_dataset(root)
+    return root
+
+
+def make_dm(root: Path, tmp_path: Path, **kwargs) -> LDCTDataModule:
+    args = {
+        "root": root,
+        "cache_dir": tmp_path / "cache",
+        "split_file": tmp_path / "split.yaml",
+        "n_val": 1,
+        "n_test": 1,
+        "crop_size": 32,
+        "batch_size": 4,
+        "val_batch_size": 2,
+        "num_workers": 0,
+        "samples_per_epoch": 8,
+        "seed": 0,
+    } | kwargs
+    return LDCTDataModule(**args)
+
+
+def first_batch(loader) -> dict:
+    return next(iter(loader))
+
+
+def test_simulated_end_to_end(dataset: Path, tmp_path: Path) -> None:
+    dm = make_dm(dataset, tmp_path, noise={"kind": "gaussian", "sigma_hu": "auto"})
+    dm.prepare_data()
+    dm.setup("fit")
+    dm.setup("test")
+    assert len(dm.studies) == 4
+    assert (len(dm.split.train), len(dm.split.val), len(dm.split.test)) == (2, 1, 1)
+    train = first_batch(dm.train_dataloader())
+    assert set(train) == {"input", "target"}
+    assert train["input"].shape == train["target"].shape == (4, 1, 32, 32)
+    assert train["input"].dtype == torch.float32
+    assert 0.0 <= float(train["input"].min()) and float(train["input"].max()) <= 1.0
+
+    # sigma auto = sqrt(LD^2 - ND^2) of the training series
+    assert dm.noise_info["sigma_hu"] == pytest.approx(math.sqrt(LD_SD**2 - ND_SD**2), rel=0.1)
+
+    val = first_batch(dm.val_dataloader())
+    assert set(val) == {"input", "target", "patient_key", "slice_index"}
+    assert val["input"].shape == (2, 1, SIZE, SIZE)
+    assert set(val["patient_key"]) == set(dm.split.val)
+    again = first_batch(dm.val_dataloader())
+    torch.testing.assert_close(val["input"], again["input"])  # fixed-seed noise: same in every epoch
+
+    test = first_batch(dm.test_dataloader())
+    assert set(test) == {"input", "ndct", "patient_key", "slice_index"}
+    assert test["ndct"].shape == (2, 1, SIZE, SIZE)
+    assert set(test["patient_key"]) == set(dm.split.test)
+
+
+def test_unaligned_and_paired_modes(dataset: Path, tmp_path: Path) -> None:
+    dm = make_dm(dataset, tmp_path, train_mode="unaligned")
+    dm.setup("fit")
+    batch = first_batch(dm.train_dataloader())
+    assert set(batch) == {"ldct", "ndct"} and batch["ldct"].shape == (4, 1, 32, 32)
+
+    with pytest.raises(DataConfigError, match="data.train_mode='paired'.*not flagged aligned"):
+        make_dm(dataset, tmp_path, train_mode="paired").setup("fit")
+    dm = make_dm(dataset, tmp_path, train_mode="paired", aligned=True, split_file=tmp_path / "split2.yaml")
+    dm.setup("fit")
+    batch = first_batch(dm.train_dataloader())
+    assert set(batch) == {"input", "target"}
+    # aligned val without truth: LDCT slice i against NDCT slice i
+    val = first_batch(dm.val_dataloader())
+    diff = (val["input"] - val["target"]) * (HU_MAX - HU_MIN)
+    assert 25 < float(diff.std()) < 45
+
+
+def test_truth_gives_reference_targets_and_labels(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    write_dataset(root, n_patients=3, truth=True)
+    dm = make_dm(root, tmp_path)
+    dm.setup()
+    val = first_batch(dm.val_dataloader())
+    target_hu = val["target"][0, 0] * (HU_MAX - HU_MIN) + HU_MIN
+    assert float(target_hu[SIZE // 2, SIZE // 2]) == pytest.approx(40.0, abs=0.01)
+    assert float(target_hu[12, 22]) == pytest.approx(100.0, abs=0.01)
+    test = first_batch(dm.test_dataloader())
+    assert set(test) == {"input", "ndct", "reference", "labels", "patient_key", "slice_index"}
+    assert test["labels"].dtype == torch.int64
+    assert int((test["labels"][0] == 2).sum()) == 64
+
+
+def test_cache_is_reused_and_split_is_stable(dataset: Path, tmp_path: Path) -> None:
+    first = make_dm(dataset, tmp_path)
+    first.setup("fit")
+    second = make_dm(dataset, tmp_path)
+    second.setup("fit")
+    assert first.cache.builds == 8 and second.cache.builds == 0
+    assert first.split == second.split
+
+
+def test_batches_are_deterministic_for_a_seed(dataset: Path, tmp_path: Path) -> None:
+    def batch(seed):
+        dm = make_dm(dataset, tmp_path, seed=seed, noise={"kind": "gaussian", "sigma_hu": 20.0})
+        dm.setup("fit")
+        return first_batch(dm.train_dataloader())["input"]
+
+    torch.testing.assert_close(batch(1), batch(1))
+    assert not torch.equal(batch(1), batch(2))
+
+
+def test_summary_lists_series_without_identifiers(dataset: Path, tmp_path: Path) -> None:
+    dm = make_dm(dataset, tmp_path)
+    dm.setup("fit")
+    text = dm.summary()
+    for study in dm.studies:
+        assert study.patient_key in text and study.ldct.series_key in text
+    assert "PAT-0" not in text
+    rows = dm.summary_rows()
+    assert len(rows) == 8 and {r["role"] for r in rows} == {"ldct", "ndct"}
+    assert {r["ctdi_vol"] for r in rows} == {1.5, 12.0}
+
+
+def test_own_files_inside_the_scanned_tree_do_not_warn(tmp_path: Path) -> None:
+    root = tmp_path / "flat"
+    write_dataset(root, n_patients=3, subdir=".")
+    kwargs = {"root": root, "n_val": 1, "n_test": 1, "crop_size": 32, "batch_size": 4, "num_workers": 0}
+    LDCTDataModule(**kwargs).setup("fit")  # writes <root>/.cache and <root>/split.yaml
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dm = LDCTDataModule(**kwargs)
+        dm.setup("fit")
+    assert isinstance(dm.cache, SeriesCache) and dm.cache.builds == 0
+
+
+def test_fit_with_lightning(dataset: Path, tmp_path: Path) -> None:
+    class Tiny(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.sums: list[float] = []
+
+        def training_step(self, batch, batch_idx):
+            self.sums.append(float(batch["input"].sum()))
+            return ((batch["input"] - batch["target"]).mean() + self.w).pow(2).sum()
+
+        def validation_step(self, batch, batch_idx) -> None:
+            assert batch["input"].shape[-1] == SIZE
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    dm = make_dm(dataset, tmp_path, noise={"kind": "gaussian", "sigma_hu": 20.0})
+    model = Tiny()
+    trainer = L.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, datamodule=dm)
+    assert len(model.sums) == 4 and model.sums[:2] != model.sums[2:]  # new crops in the second epoch
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"train_mode": "cycle"}, "data.train_mode"),
+        ({"crop_size": 0}, "data.crop_size"),
+        ({"batch_size": 2.5}, "data.batch_size"),
+        ({"num_workers": -1}, "data.num_workers"),
+        ({"samples_per_epoch": 2}, "data.samples_per_epoch"),
+        ({"val_max_slices": 0}, "data.val_max_slices"),
+        ({"hu_min": 100.0, "hu_max": 0.0}, "data.hu_max"),
+        ({"min_foreground": 1.5}, "data.min_foreground"),
+        ({"noise": {"kind": "poisson"}}, "data.noise.kind"),
+        ({"noise": {"kind": "gaussian", "sigma_hu": -3}}, "data.noise.sigma_hu"),
+        ({"noise": {"kind": "gaussian", "photons_per_ray": 1e4}}, "data.noise.photons_per_ray"),
+        ({"noise": {"kind": "projection", "photons_per_ray": 0}}, "data.noise.photons_per_ray"),
+        ({"manifest": "/no/such/manifest.csv"}, "data.manifest"),
+        ({"root": "???"}, "data.root"),
+    ],
+)
+def test_bad_config_values_fail_early_naming_the_key(tmp_path: Path, kwargs: dict, key: str) -> None:
+    root = kwargs.pop("root", tmp_path)
+    with pytest.raises(DataConfigError, match=key.replace(".", r"\.")):
+        make_dm(root, tmp_path, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"crop_size": 64}, "data.crop_size=64.*larger than"),
+        ({"n_val": 2, "n_test": 2}, "no training patient"),
+        ({"root": "MISSING"}, "data.root=.*not a folder"),
+    ],
+)
+def test_data_dependent_errors_at_setup(dataset: Path, tmp_path: Path, kwargs: dict, key: str) -> None:
+    root = tmp_path / "missing" if kwargs.pop("root", None) == "MISSING" else dataset
+    with pytest.raises(DataConfigError, match=key):
+        make_dm(root, tmp_path, **kwargs).setup("fit")
+
+
+def test_projection_noise_mode(dataset: Path, tmp_path: Path) -> None:
+    dm = make_dm(
+        dataset, tmp_path, crop_size=16, noise={"kind": "projection", "sigma_hu": 20.0, "n_views": 16}
+    )
+    dm.setup("fit")
+    assert dm.noise_info["photons_per_ray"] > 0
+    batch = first_batch(dm.train_dataloader())
+    noise_hu = (batch["input"] - batch["target"]) * (HU_MAX - HU_MIN)
+    assert 5 < float(noise_hu.std()) < 60
