@@ -1,0 +1,329 @@
+"""``ldct-evaluate``: run checkpoints over the test split, score both protocols, and write the report.
+
+Everything is written into a hidden temporary folder beside ``--out`` and renamed when complete, so an
+interrupted run leaves no half-written report. Exit codes: 0 done, 2 bad input, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+PROG = "ldct-evaluate"
+
+EPILOG = """\
+examples:
+  ldct-evaluate --data data/demo \\
+      --method proposed=outputs/demo/runs/2024-01-01_12-00-00/second/checkpoints/last.ckpt \\
+      --method firstStep=outputs/demo/runs/2024-01-01_13-00-00/first/checkpoints/last.ckpt \\
+      --proposed proposed --out outputs/demo/eval
+  ldct-evaluate --report-only --out outputs/demo/eval      # re-render report.md from the records
+
+Two protocols are always stated in the report: 'paper' (PSNR/SSIM/RMSE on ROI crops of normalised images
+against the NDCT, which is not aligned unless --register; PSNR as eq. 11 and with MAX=1) and 'reference'
+(windowed PSNR/SSIM with data range 1 after the window, RMSE in HU, noise SD, lesion CNR against an aligned
+ground truth, when the data set has one). The LDCT input is always a row.
+The split is read from the data set's split file (default <data>/split.yaml, written by training), so
+evaluation runs on the same test patients; --n-val/--n-test/--split-seed only matter when there is none.
+"""
+
+
+class EvaluateCLIError(ValueError):
+    """Bad command-line input; ``str(e)`` names the argument, the problem and what to do."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Evaluate denoising checkpoints on the test split (Hu et al. 2024 Table 3/4 metrics, "
+        "reference metrics, per-patient paired tests, figures) and write a report folder.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--data", type=Path, help="data folder (DICOM tree or synthetic set) given to the DataModule"
+    )
+    p.add_argument(
+        "--method",
+        action="append",
+        default=[],
+        metavar="NAME=CHECKPOINT",
+        help="a method row: its name and Lightning checkpoint (repeat for more methods)",
+    )
+    p.add_argument(
+        "--bm3d",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="SIGMA_HU",
+        help="add a BM3D row (optional extra `pip install -e .[bm3d]`, non-commercial licence); noise SD in "
+        "HU, default auto (estimated per slice)",
+    )
+    p.add_argument("--proposed", help="the method every other one is tested against (one of the NAMEs)")
+    p.add_argument(
+        "--out", type=Path, required=True, help="report folder (must be new or empty, or --overwrite)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument(
+        "--report-only", action="store_true", help="only re-render the report of an existing --out folder"
+    )
+    p.add_argument(
+        "--split-file", type=Path, default=None, help="patient split file (default <data>/split.yaml)"
+    )
+    p.add_argument("--n-val", type=float, default=None, help="validation patients when a new split is made")
+    p.add_argument("--n-test", type=float, default=None, help="test patients when a new split is made")
+    p.add_argument("--split-seed", type=int, default=None, help="seed when a new split is made")
+    p.add_argument(
+        "--manifest", type=Path, default=None, help="series roles manifest (default <data>/manifest.csv)"
+    )
+    p.add_argument("--cache-dir", type=Path, default=None, help="volume cache (default <data>/.cache)")
+    p.add_argument(
+        "--boxes", type=Path, default=None, help="ROI boxes per slice (CSV/YAML) for the paper protocol"
+    )
+    p.add_argument(
+        "--register", action="store_true", help="rigidly register each NDCT slice to the input (translation)"
+    )
+    p.add_argument("--register-rotation", action="store_true", help="also search rotations up to 5 degrees")
+    p.add_argument(
+        "--protocols", default="paper,reference", help="comma-separated: paper, reference (default both)"
+    )
+    p.add_argument("--max-slices", type=int, default=None, help="at most N evenly spaced slices per patient")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--batch-size", type=int, default=4, help="slices per batch and forward pass (default 4)")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    p.add_argument(
+        "--tile", type=int, default=None, help="tile size for large matrices (default whole slices)"
+    )
+    p.add_argument("--no-volumes", action="store_true", help="do not keep the denoised volumes")
+    p.add_argument(
+        "--alpha", type=float, default=0.05, help="significance level of the * marks (default 0.05)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def parse_methods(specs: Sequence[str]) -> dict[str, Path]:
+    """``["a=x.ckpt", ...]`` -> ``{"a": Path("x.ckpt")}`` with checks (names unique and safe, files exist)."""
+    from ldct_lightning.eval.evaluate import EvaluationError, check_method_name
+
+    methods: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise EvaluateCLIError(f"--method {spec!r}: expected NAME=CHECKPOINT, e.g. proposed=last.ckpt")
+        try:
+            check_method_name(name)
+        except EvaluationError as e:
+            raise EvaluateCLIError(f"--method {spec!r}: {e}") from e
+        if name in methods:
+            raise EvaluateCLIError(f"--method {spec!r}: the name {name!r} is given twice. Use unique names")
+        ckpt = Path(path)
+        if not ckpt.is_file():
+            raise EvaluateCLIError(f"--method {spec!r}: {ckpt}: no such checkpoint file. Check the path")
+        methods[name] = ckpt
+    return methods
+
+
+def _split_params(args: argparse.Namespace) -> dict[str, object]:
+    """Split parameters: given ones, else those stored in an existing split file, else the data config's."""
+    split_file = args.split_file or args.data / "split.yaml"
+    stored: dict = {}
+    if split_file.is_file():
+        try:
+            stored = (yaml.safe_load(split_file.read_text()) or {}).get("params", {}) or {}
+        except (yaml.YAMLError, AttributeError):
+            stored = {}
+
+    def pick(value: float | None, key: str, count_key: str, default: object) -> object:
+        if value is not None:
+            return int(value) if float(value).is_integer() else value
+        return stored.get(key, stored.get(count_key, default))
+
+    return {
+        "split_file": split_file,
+        "n_val": pick(args.n_val, "n_val", "n_val_count", 2),  # conf/data/synthetic.yaml's defaults
+        "n_test": pick(args.n_test, "n_test", "n_test_count", 2),
+        "split_seed": args.split_seed if args.split_seed is not None else stored.get("seed", 0),
+    }
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise EvaluateCLIError(f"--out {out}: exists and is not a folder. Give a new or empty folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise EvaluateCLIError(
+            f"--out {out}: exists and is not empty. Give a new folder, or pass --overwrite"
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Carry out the command; raises the library's errors for :func:`main` to report."""
+    from ldct_lightning.eval.report import write_report
+
+    if args.report_only:
+        if not args.out.is_dir():
+            raise EvaluateCLIError(f"--out {args.out}: no such folder to re-render. Run ldct-evaluate first")
+        report = write_report(args.out, alpha=args.alpha)
+        print(f"{PROG}: wrote {report.report_path}", file=sys.stderr)
+        return 0
+
+    if args.data is None:
+        raise EvaluateCLIError("--data is required: the data folder (DICOM tree or synthetic set)")
+    if not args.data.is_dir():
+        raise EvaluateCLIError(f"--data {args.data}: not a folder. Give the data set's folder")
+    if not args.method and args.bm3d is None:
+        raise EvaluateCLIError("no --method given: add --method NAME=CHECKPOINT (one per method)")
+    methods = parse_methods(args.method)
+    names = [*methods, *(["BM3D"] if args.bm3d is not None else [])]
+    if args.bm3d is not None and "BM3D" in methods:
+        raise EvaluateCLIError("--bm3d adds a row named BM3D: rename the --method called BM3D")
+    if args.proposed is None:
+        if len(names) != 1:
+            raise EvaluateCLIError(f"--proposed is required with several methods: one of {names}")
+        args.proposed = names[0]
+    if args.proposed not in names:
+        raise EvaluateCLIError(f"--proposed {args.proposed!r}: not a method name; give one of {names}")
+    protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
+    bad = [p for p in protocols if p not in ("paper", "reference")]
+    if bad or not protocols:
+        raise EvaluateCLIError(f"--protocols {args.protocols!r}: use paper, reference or both")
+    for key in ("batch_size", "max_slices"):
+        value = getattr(args, key)
+        if value is not None and value < 1:
+            raise EvaluateCLIError(f"--{key.replace('_', '-')} {value}: must be >= 1")
+    if args.boxes is not None and not args.boxes.is_file():
+        raise EvaluateCLIError(f"--boxes {args.boxes}: no such file. Give a CSV or YAML of ROI boxes")
+    _check_out(args.out, args.overwrite)
+
+    from ldct_lightning.data.datamodule import LDCTDataModule
+    from ldct_lightning.eval.evaluate import bm3d_method, checkpoint_method, evaluate
+    from ldct_lightning.eval.rois import read_boxes
+
+    if args.boxes is not None:
+        read_boxes(args.boxes)  # fail on a bad boxes file before the slow part
+    loaded = {
+        name: checkpoint_method(ckpt, name, device=args.device, batch_size=args.batch_size, tile=args.tile)
+        for name, ckpt in methods.items()
+    }
+    if args.bm3d is not None:
+        sigma: float | str = args.bm3d
+        if sigma != "auto":
+            try:
+                sigma = float(sigma)
+            except ValueError:
+                raise EvaluateCLIError(f"--bm3d {args.bm3d!r}: give a noise SD in HU or 'auto'") from None
+        try:
+            loaded["BM3D"] = bm3d_method("BM3D", sigma)
+        except ImportError as e:
+            raise EvaluateCLIError(f"--bm3d: {e}") from None
+    split = _split_params(args)
+    datamodule = LDCTDataModule(
+        args.data,
+        cache_dir=args.cache_dir,
+        manifest=args.manifest,
+        val_batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        progress=not args.no_progress,
+        **split,
+    )
+    datamodule.setup("test")
+    if not datamodule.split.test:
+        raise EvaluateCLIError(
+            f"--data {args.data}: the split ({split['split_file']}) has no test patient. "
+            "Give --n-test > 0 with a new --split-file"
+        )
+
+    out = args.out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        result = evaluate(
+            loaded,
+            datamodule,
+            tmp,
+            proposed=args.proposed,
+            protocols=protocols,
+            boxes_file=args.boxes,
+            register=args.register,
+            register_rotation=args.register_rotation,
+            progress=not args.no_progress,
+            max_slices=args.max_slices,
+            batch_size=args.batch_size,
+            save_volumes=not args.no_volumes,
+            data_description=f"{len(datamodule.studies)} studies in the data set; test split of "
+            f"{len(datamodule.split.test)} patients (split inputs hash {datamodule.split.inputs_hash[:12]})",
+        )
+        write_report(result, alpha=args.alpha)
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "x")
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"{PROG}: wrote {out / 'report.md'}", file=sys.stderr)
+    return 0
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``ldct-evaluate``.
+
+    Args:
+        argv: arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        The exit code: 0 success, 2 bad input, 130 interrupted.
+    """
+    args = build_parser().parse_args(argv)
+    from ldct_lightning.data.datamodule import DataConfigError
+    from ldct_lightning.data.dicom import DicomError
+    from ldct_lightning.data.pairing import PairingError
+    from ldct_lightning.eval.evaluate import EvaluationError
+    from ldct_lightning.eval.rois import BoxFileError
+    from ldct_lightning.inference import InferenceError
+    from ldct_lightning.modules.handoff import CheckpointError
+
+    known = (
+        EvaluateCLIError,
+        EvaluationError,
+        DataConfigError,
+        DicomError,
+        PairingError,
+        BoxFileError,
+        CheckpointError,
+        InferenceError,
+    )
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return run(args)
+        except known as e:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:
+            print(f"{PROG}: error: {e}. Check the paths, permissions and free space", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted; nothing was written to --out", file=sys.stderr)
+            return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
