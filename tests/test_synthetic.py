@@ -1,0 +1,210 @@
+"""Tests of the built-in synthetic data set (tiny preset): layout, DICOM, noise level and texture, pose."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pydicom
+import pytest
+
+from ldct_lightning.cli.simulate import main as simulate_main
+from ldct_lightning.data import synthetic
+from ldct_lightning.data.synthetic import LABELS, PRESETS, generate_dataset, liver_noise_sd, simulate_patient
+from ldct_lightning.privacy import hash_identifier
+
+TINY = PRESETS["tiny"]
+
+
+def _read_series(root: Path) -> dict[str, list[pydicom.Dataset]]:
+    """All DICOM files under root grouped by SeriesInstanceUID, each sorted by slice position."""
+    series: dict[str, list[pydicom.Dataset]] = defaultdict(list)
+    for path in (root / "dicom").rglob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        series[ds.SeriesInstanceUID].append(ds)
+    return {
+        uid: sorted(files, key=lambda d: float(d.ImagePositionPatient[2])) for uid, files in series.items()
+    }
+
+
+def _hu(files: list[pydicom.Dataset]) -> np.ndarray:
+    return np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in files])
+
+
+@pytest.fixture(scope="module")
+def dataset(tiny_dataset: Path) -> dict:
+    manifest = list(csv.DictReader((tiny_dataset / "manifest.csv").open()))
+    return {
+        "root": tiny_dataset,
+        "summary": json.loads((tiny_dataset / "summary.json").read_text()),
+        "manifest": {row["series_uid"]: row for row in manifest},
+        "series": _read_series(tiny_dataset),
+    }
+
+
+def test_layout_manifest_and_labels(dataset: dict) -> None:
+    root = dataset["root"]
+    assert sorted(p.name for p in root.iterdir()) == [
+        "dicom",
+        "labels.json",
+        "manifest.csv",
+        "overview.png",
+        "summary.json",
+        "truth",
+    ]
+    assert json.loads((root / "labels.json").read_text()) == {str(k): v for k, v in LABELS.items()}
+    assert LABELS[1] == "heart" and LABELS[2] == "liver" and LABELS[10] == "table"
+    assert set(dataset["manifest"]) == set(dataset["series"])
+    roles = sorted(row["role"] for row in dataset["manifest"].values())
+    assert roles == ["ldct"] * TINY.n_patients + ["ndct"] * TINY.n_patients
+    assert all(row["aligned"] == "false" for row in dataset["manifest"].values())
+    assert len(list((root / "truth").glob("*.npz"))) == TINY.n_patients
+    # file names and folders carry no information: several folders, each mixing series
+    folders = {p.parent for p in (root / "dicom").rglob("*.dcm")}
+    assert len(folders) > 1
+    assert matplotlib.image.imread(root / "overview.png").ndim == 3
+
+
+def test_dicom_tags_and_truth_match_series(dataset: dict) -> None:
+    root = dataset["root"]
+    by_patient = defaultdict(dict)
+    for uid, files in dataset["series"].items():
+        by_patient[files[0].PatientID][dataset["manifest"][uid]["role"]] = files
+    assert sorted(by_patient) == [f"SYN-{i:04d}" for i in range(1, TINY.n_patients + 1)]
+    for patient_id, roles in by_patient.items():
+        ld, nd = roles["ldct"], roles["ndct"]
+        for files in (ld, nd):
+            assert len(files) == TINY.n_slices
+            assert len({d.SeriesInstanceUID for d in files}) == 1
+            ds = files[0]
+            assert ds.Modality == "CT" and float(ds.KVP) == 120.0
+            assert [float(v) for v in ds.PixelSpacing] == pytest.approx([TINY.pixel_mm] * 2)
+            assert ds.Rows == ds.Columns == TINY.image_size
+            assert str(ds.PatientName).startswith("SYNTHETIC^")
+        assert 1.0 <= float(ld[0].CTDIvol) <= 2.0 and 20 <= int(ld[0].XRayTubeCurrent) <= 80
+        assert 6.0 <= float(nd[0].CTDIvol) <= 20.0 and 150 <= int(nd[0].XRayTubeCurrent) <= 500
+        assert ld[0].StudyInstanceUID != nd[0].StudyInstanceUID  # different days
+        truth = np.load(root / "truth" / f"{hash_identifier(patient_id)}.npz")
+        assert truth["clean_ld"].shape == truth["labels_ld"].shape == _hu(ld).shape
+        assert (
+            truth["clean_nd"].shape == truth["labels_nd"].shape == truth["lowdose_nd"].shape == _hu(nd).shape
+        )
+        np.testing.assert_allclose(truth["z_ld"], [float(d.ImagePositionPatient[2]) for d in ld], atol=1e-3)
+        np.testing.assert_allclose(truth["z_nd"], [float(d.ImagePositionPatient[2]) for d in nd], atol=1e-3)
+
+
+def test_written_hu_within_one_unit(dataset: dict) -> None:
+    scans = {f"SYN-{i + 1:04d}": simulate_patient(TINY, i) for i in range(TINY.n_patients)}
+    for uid, files in dataset["series"].items():
+        scan = scans[files[0].PatientID]
+        expected = scan.ldct if dataset["manifest"][uid]["role"] == "ldct" else scan.ndct
+        written = _hu(files)
+        expected = np.clip(expected, -1024, None)  # unsigned storage with intercept -1024
+        assert np.abs(written - expected).max() <= 0.5 + 1e-3
+
+
+def test_noise_levels_in_preset_band(dataset: dict) -> None:
+    summary = dataset["summary"]
+    ld, nd = summary["noise_sd_ldct_mean"], summary["noise_sd_ndct_mean"]
+    assert 30.0 <= ld <= 60.0
+    assert 8.0 <= nd <= 15.0
+    for p in summary["patients"]:
+        # the same pose and the same tube current at 1/8 of the dose: SD ratio sqrt(8)
+        assert p["noise_sd_lowdose_nd"] / p["noise_sd_ndct"] == pytest.approx(np.sqrt(8), rel=0.2)
+        assert p["noise_sd_ldct"] / p["noise_sd_ndct"] == pytest.approx(np.sqrt(8), rel=0.25)
+        assert 24.0 <= p["psnr_ldct_abdomen"] <= 32.0
+    assert summary["config"]["n_patients"] == TINY.n_patients
+    assert summary["seconds_total"] > 0
+
+
+def test_noise_is_spatially_correlated(dataset: dict) -> None:
+    root = dataset["root"]
+    for uid, files in dataset["series"].items():
+        if dataset["manifest"][uid]["role"] != "ldct":
+            continue
+        truth = np.load(root / "truth" / f"{hash_identifier(files[0].PatientID)}.npz")
+        noise = _hu(files) - truth["clean_ld"]
+        body = truth["labels_ld"] > 0
+        body[:, :, :-1] &= body[:, :, 1:]
+        a, b = noise[:, :, :-1][body[:, :, :-1]], noise[:, :, 1:][body[:, :, :-1]]
+        assert np.corrcoef(a, b)[0, 1] > 0.3  # white noise would give ~0
+        # the noise power spectrum is not flat: mid frequencies dominate the highest ones
+        nps = (
+            np.abs(np.fft.fftshift(np.fft.fft2(noise - noise.mean(axis=(1, 2), keepdims=True)))) ** 2
+        ).mean(0)
+        n = nps.shape[0]
+        f = np.hypot(*np.meshgrid(np.arange(n) - n // 2, np.arange(n) - n // 2)) / n
+        assert nps[(f > 0.1) & (f < 0.25)].mean() > 3 * nps[f > 0.45].mean()
+
+
+def test_ldct_is_misaligned_and_aligned_without_misalignment(dataset: dict) -> None:
+    scan = simulate_patient(TINY, 1)
+    body = (scan.labels_nd > 0) | (scan.labels_ld > 0)
+    rms = np.sqrt(np.mean((scan.clean_ld - scan.clean_nd)[body] ** 2))
+    assert rms > 3 * liver_noise_sd(scan.ndct, scan.clean_nd, scan.labels_nd, TINY.pixel_mm)
+    assert not np.array_equal(scan.z_ld, scan.z_nd)
+    aligned = simulate_patient(dataclasses.replace(TINY, misalignment=0.0), 1)
+    np.testing.assert_allclose(aligned.clean_ld, aligned.clean_nd, atol=1e-2)
+    assert (aligned.labels_ld == aligned.labels_nd).all()
+
+
+def test_phantom_contents(dataset: dict) -> None:
+    truth = [np.load(p) for p in sorted((dataset["root"] / "truth").glob("*.npz"))]
+    labels = np.concatenate([t["labels_nd"] for t in truth])
+    clean = np.concatenate([t["clean_nd"] for t in truth])
+    for name in ("heart", "liver", "spleen", "muscle", "fat", "lung", "bone", "table"):
+        label = next(k for k, v in LABELS.items() if v == name)
+        assert (labels == label).any(), name
+    liver = clean[labels == 2]
+    assert 30.0 < np.median(liver) < 80.0
+    assert np.median(clean[labels == 6]) < -600.0
+    assert np.percentile(clean[labels == 7], 90) > 200.0  # blurred at 5.6 mm pixels, still bright
+
+
+def test_seeded_reproducibility() -> None:
+    small = dataclasses.replace(TINY, n_slices=2)
+    a, b = simulate_patient(small, 0), simulate_patient(small, 0)
+    for field in ("clean_ld", "clean_nd", "ldct", "ndct", "lowdose_nd", "labels_ld", "z_ld"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    c = simulate_patient(dataclasses.replace(small, seed=1), 0)
+    assert not np.array_equal(a.clean_nd, c.clean_nd)
+    assert not np.array_equal(a.ldct, c.ldct)
+
+
+def test_cli_refuses_to_overwrite_and_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert simulate_main([str(out), "--preset", "tiny", "--patients", "1", "--slices", "1", "--quiet"]) == 2
+    assert "overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    args = [str(out), "--preset", "tiny", "--patients", "1", "--slices", "2", "--size", "48", "--quiet"]
+    assert simulate_main([*args, "--overwrite", "--seed", "3"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["image_size"] == 48 and summary["config"]["seed"] == 3
+    assert not (out / "keep.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folders left
+
+
+def test_interrupted_run_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(out: Path, *args: object) -> dict:
+        (out / "dicom" / "partial.dcm").parent.mkdir(parents=True)
+        (out / "dicom" / "partial.dcm").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synthetic, "_generate", boom)
+    with pytest.raises(KeyboardInterrupt):
+        generate_dataset(tmp_path / "data", TINY, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_config_names_the_key() -> None:
+    with pytest.raises(ValueError, match="n_views"):
+        dataclasses.replace(TINY, n_views=90).validate()
+    with pytest.raises(ValueError, match="dose_ratio"):
+        dataclasses.replace(TINY, dose_ratio=2.0).validate()
