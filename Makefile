@@ -3,10 +3,12 @@ SHELL := /bin/bash
 PYTHON ?= python3
 ARGS ?=
 DEMO_DATA ?= data/demo
+DEMO_RUN ?= outputs/demo-run
+DEMO_OUT ?= outputs/demo
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo data-demo test test-full lint format bench train-first clean
+.PHONY: help install demo evaluate report data-demo test test-full lint format bench train-first train-second train-two ablations clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -26,11 +28,42 @@ install: .install.stamp  ## install torch (CPU build when no CUDA GPU) and the p
 	@$(PYTHON) -m pip install -e ".[dev]"
 	@touch $@
 
-demo: install  ## generate the built-in demo data set and summarise it (noise, dose, overview figure)
-	@echo "+ ldct-simulate $(DEMO_DATA) --preset demo --overwrite"
-	@ldct-simulate $(DEMO_DATA) --preset demo --overwrite
+demo: data-demo  ## the main job: demo data, stage 1, stage 2, evaluation and outputs/demo/report.md
 	@echo "+ ldct-data-summary $(DEMO_DATA)"
 	@ldct-data-summary $(DEMO_DATA)
+	@echo "+ rm -rf $(DEMO_RUN) && $(PYTHON) train.py experiment=demo ablation=proposed hydra.run.dir=$(DEMO_RUN) $(ARGS)"
+	@rm -rf $(DEMO_RUN) && $(PYTHON) train.py experiment=demo ablation=proposed hydra.run.dir=$(DEMO_RUN) $(ARGS)
+	@$(MAKE) --no-print-directory evaluate
+
+evaluate: install  ## evaluate the demo run (LDCT, firstStep, proposed) on the held-out demo patients
+	@first=$$(ls -t $(DEMO_RUN)/first/checkpoints/best-*.ckpt | head -n 1); \
+	echo "+ ldct-evaluate --data $(DEMO_DATA) --method firstStep=$$first --method proposed=$(DEMO_RUN)/second/checkpoints/last.ckpt --proposed proposed --out $(DEMO_OUT) --overwrite"; \
+	ldct-evaluate --data $(DEMO_DATA) --method firstStep=$$first --method proposed=$(DEMO_RUN)/second/checkpoints/last.ckpt --proposed proposed --out $(DEMO_OUT) --overwrite
+	@echo "# report: $(DEMO_OUT)/report.md"
+
+report: install  ## rebuild the report (tables, statistics, figures) from an evaluation folder
+	@echo "+ ldct-evaluate --report-only --out $(DEMO_OUT)"
+	@ldct-evaluate --report-only --out $(DEMO_OUT)
+
+data-demo: install  ## generate the demo data set when it is missing
+	@if [ -f $(DEMO_DATA)/manifest.csv ]; then echo "# $(DEMO_DATA) exists (make clean, or ldct-simulate --overwrite, to remake it)"; \
+	else echo "+ ldct-simulate $(DEMO_DATA) --preset demo"; ldct-simulate $(DEMO_DATA) --preset demo; fi
+
+train-first: data-demo  ## stage 1 (firstStep) on the demo set; ARGS="..." passes Hydra overrides
+	@echo "+ $(PYTHON) train.py experiment=demo ablation=firstStep $(ARGS)"
+	@$(PYTHON) train.py experiment=demo ablation=firstStep $(ARGS)
+
+train-second: data-demo  ## stage 2 from the latest stage-1 run of the experiment
+	@echo "+ $(PYTHON) train.py experiment=demo ablation=proposed 'run_stages=[second]' $(ARGS)"
+	@$(PYTHON) train.py experiment=demo ablation=proposed 'run_stages=[second]' $(ARGS)
+
+train-two: data-demo  ## both stages in one run (the proposed method)
+	@echo "+ $(PYTHON) train.py experiment=demo ablation=proposed $(ARGS)"
+	@$(PYTHON) train.py experiment=demo ablation=proposed $(ARGS)
+
+ablations: data-demo  ## proposed, oneStep and firstStep as one Hydra multirun
+	@echo "+ $(PYTHON) train.py -m experiment=demo ablation=proposed,oneStep,firstStep $(ARGS)"
+	@$(PYTHON) train.py -m experiment=demo ablation=proposed,oneStep,firstStep $(ARGS)
 
 test: install  ## run the fast test suite (what CI runs)
 	@echo "+ $(PYTHON) -m pytest -m 'not slow and not gpu' $(PYTEST_ARGS)"

@@ -24,7 +24,7 @@ from ldct_lightning.data.normalize import HU_MAX, HU_MIN, WINDOWS, apply_window,
 from ldct_lightning.image_logging import log_image_panel
 
 
-def _window_metrics() -> MetricCollection:
+def _window_metrics(prefix: str) -> MetricCollection:
     return MetricCollection(
         {
             "psnr_abdomen": PeakSignalNoiseRatio(data_range=1.0),
@@ -32,6 +32,7 @@ def _window_metrics() -> MetricCollection:
             "psnr_full": PeakSignalNoiseRatio(data_range=1.0),
             "rmse_hu": MeanSquaredError(squared=False),
         },
+        prefix=prefix,
         compute_groups=False,
     )
 
@@ -58,8 +59,8 @@ class DenoisingModule(L.LightningModule):
         self.panel_every_n_epochs = panel_every_n_epochs
         self.hu_min = hu_min
         self.hu_max = hu_max
-        self.val_metrics = _window_metrics()
-        self.val_input_metrics = _window_metrics()
+        self.val_metrics = _window_metrics("val/")
+        self.val_input_metrics = _window_metrics("val/input_")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Denoise a batch (B, 1, H, W) in the normalised domain."""
@@ -80,6 +81,9 @@ class DenoisingModule(L.LightningModule):
         pred = self(x)
         self._update(self.val_metrics, pred, y)
         self._update(self.val_input_metrics, x, y)
+        # logging the metric objects lets Lightning compute, sync across processes and reset them per epoch
+        self.log_dict(self.val_metrics, on_step=False, on_epoch=True, batch_size=x.shape[0])
+        self.log_dict(self.val_input_metrics, on_step=False, on_epoch=True, batch_size=x.shape[0])
         if batch_idx == 0 and self._panel_due():
             log_image_panel(
                 self,
@@ -87,12 +91,6 @@ class DenoisingModule(L.LightningModule):
                 {"input": x[0], "output": pred[0], "target": y[0]},
                 hu_range=(self.hu_min, self.hu_max),
             )
-
-    def on_validation_epoch_end(self) -> None:
-        for prefix, metrics in (("val/", self.val_metrics), ("val/input_", self.val_input_metrics)):
-            values = metrics.compute()
-            self.log_dict({prefix + k: v for k, v in values.items()})
-            metrics.reset()
 
     def _panel_due(self) -> bool:
         if self.panel_every_n_epochs <= 0 or self.trainer.sanity_checking:

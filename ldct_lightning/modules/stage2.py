@@ -166,6 +166,7 @@ class Stage2Module(DenoisingModule):
             on_step=False,
             on_epoch=True,
             batch_size=batch_size,
+            sync_dist=True,
         )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
