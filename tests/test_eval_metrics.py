@@ -169,8 +169,10 @@ def test_score_slice_records(rng):
 
 
 def test_labels_match_synthetic_set():
-    synthetic = pytest.importorskip("ldct_lightning.data.synthetic")
+    from ldct_lightning.data import synthetic
+
     assert {int(k): v for k, v in synthetic.LABELS.items()} == LABELS
+    assert LABELS[2] == "liver" and LABELS[1] == "heart"
 
 
 def test_box_files_roundtrip_csv_and_yaml(tmp_path):

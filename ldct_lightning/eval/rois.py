@@ -17,19 +17,10 @@ from scipy import ndimage
 from skimage.metrics import mean_squared_error
 from skimage.registration import phase_cross_correlation
 
-# Label ids of the synthetic set's ROI masks (same numbers as ``data/synthetic.py::LABELS``).
-LABELS: dict[int, str] = {
-    1: "heart",
-    2: "liver",
-    3: "spleen",
-    4: "muscle",
-    5: "fat",
-    6: "lung",
-    7: "bone",
-    8: "vessel",
-    9: "lesion",
-    10: "table",
-}
+from ldct_lightning.data.phantom import LABEL_NAMES
+
+# Label ids of the synthetic set's ROI masks, defined once with the phantom.
+LABELS: dict[int, str] = dict(LABEL_NAMES)
 LABEL_IDS: dict[str, int] = {name: idx for idx, name in LABELS.items()}
 
 # The paper's quantitative ROIs (Table 3/4 columns).
