@@ -15,9 +15,9 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from ldct_lightning.pipeline import run  # imported late so `--help` stays fast
+    from ldct_lightning.pipeline import main as run_main  # imported late so `--help` stays fast
 
-    run(cfg)
+    run_main(cfg)
 
 
 if __name__ == "__main__":

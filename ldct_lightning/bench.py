@@ -65,13 +65,17 @@ def bench_data(quick: bool) -> dict[str, Any]:
     volume = rng.normal(40, 200, size=(n, 512, 512)).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        write_ct_series(volume, CTSeriesSpec(patient_id="BENCH"), [1.25 * i for i in range(n)], root / "dicom")
+        write_ct_series(
+            volume, CTSeriesSpec(patient_id="BENCH"), [1.25 * i for i in range(n)], root / "dicom"
+        )
         series = scan_dicom_folder(root / "dicom")[0]
         t0 = time.perf_counter()
         cached = SeriesCache(root / "cache").get(series)
         build_s = time.perf_counter() - t0
         patient = PatientVolumes(patient_key="bench", ldct=cached, ndct=cached)
-        dataset = SimulatedDataset([patient], crop_size=128, noise=GaussianNoise(25.0), samples_per_epoch=10**6)
+        dataset = SimulatedDataset(
+            [patient], crop_size=128, noise=GaussianNoise(25.0), samples_per_epoch=10**6
+        )
         n_crops = 2000 if quick else 10000
         t0 = time.perf_counter()
         for i in range(n_crops):
@@ -253,7 +257,9 @@ def machine() -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ldct_lightning.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m ldct_lightning.bench", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results.json"), help="JSON file to write")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {list(SECTIONS)}")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and smaller sizes")

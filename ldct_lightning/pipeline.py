@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,11 @@ def check_config(cfg: DictConfig) -> list[str]:
         crop = int(cfg.stages[name].data.crop_size)
         if crop <= 0 or crop % 16:
             raise ConfigError(f"stages.{name}.data.crop_size={crop} must be a positive multiple of 16")
+    init = cfg.stages.second.generator_init
+    if "second" in stages and init not in (None, "random", "first") and not Path(init).is_file():
+        raise ConfigError(
+            f"stages.second.generator_init={init!r}: no such checkpoint file (use first, random or a path)"
+        )
     return stages
 
 
@@ -83,11 +89,17 @@ def write_run_info(run_dir: Path, cfg: DictConfig, split_hash: str | None) -> No
     os.replace(tmp, run_dir / "run_info.yaml")
 
 
-def build_loggers(cfg: DictConfig, stage_dir: Path, stage: str) -> list[Any]:
-    """Instantiate the configured loggers, writing under the stage's folder."""
+def build_loggers(cfg: DictConfig, stage_dir: Path, stage: str, resuming: bool = False) -> list[Any]:
+    """Instantiate the configured loggers, writing under the stage's folder.
+
+    When resuming, CSV logs go to a new ``resume-N`` subfolder: the CSV logger would otherwise delete the
+    interrupted run's ``metrics.csv``.
+    """
     loggers = []
     for key, logger_cfg in (cfg.get("logger") or {}).items():
         kwargs: dict[str, Any] = {"save_dir": str(stage_dir)}
+        if resuming and "CSVLogger" in logger_cfg._target_:
+            kwargs["version"] = f"resume-{len(list(stage_dir.glob('resume-*'))) + 1}"
         if "WandbLogger" in logger_cfg._target_:
             kwargs["name"] = f"{cfg.experiment_name}-{cfg.ablation.name}-s{cfg.seed}-{stage}"
             if logger_cfg.get("offline") is None:
@@ -101,6 +113,8 @@ def build_callbacks(cfg: DictConfig, stage_dir: Path) -> list[Any]:
     """Instantiate the configured callbacks; checkpoints go to ``<stage_dir>/checkpoints``."""
     callbacks = []
     for name, cb_cfg in (cfg.get("callbacks") or {}).items():
+        if cb_cfg is None:  # switched off, e.g. `callbacks.lr_monitor=null`
+            continue
         kwargs = {"dirpath": str(stage_dir / "checkpoints")} if name == "model_checkpoint" else {}
         callbacks.append(instantiate(cb_cfg, **kwargs))
     return callbacks
@@ -115,10 +129,30 @@ def resolve_generator_init(cfg: DictConfig, run_dir: Path, first_ckpt: str | Non
         if first_ckpt:
             return first_ckpt
         experiment_dir = Path(cfg.paths.log_dir) / cfg.experiment_name
-        return str(find_latest_checkpoint(experiment_dir, stage_dir="first"))
-    if not Path(init).is_file():
-        raise ConfigError(f"stages.second.generator_init={init!r}: no such checkpoint file")
+        return str(find_latest_checkpoint(experiment_dir, stage_dir="first", which="best"))
     return str(init)
+
+
+def multirun_safe_strategy(strategy: Any) -> Any:
+    """Map a script-launched DDP strategy to its spawn variant for jobs of a Hydra multirun.
+
+    Lightning's ``ddp`` starts the other ranks by re-running the command line, which under ``-m`` would
+    re-launch the whole sweep in every rank. ``ddp_spawn`` starts them with multiprocessing instead. On
+    SLURM (hydra/launcher=slurm) every rank is its own task and no re-launch happens, so nothing changes.
+    """
+    launched_by_script = isinstance(strategy, str) and strategy.startswith("ddp")
+    if not launched_by_script or strategy.startswith(("ddp_spawn", "ddp_fork", "ddp_notebook")):
+        return strategy
+    if "SLURM_NTASKS" in os.environ:
+        return strategy
+    return strategy.replace("ddp", "ddp_spawn", 1)
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def resolve_ckpt_path(ckpt_path: str | None, stage_dir: Path) -> str | None:
@@ -144,20 +178,35 @@ def train_stage(cfg: DictConfig, stage: str, run_dir: Path, init_ckpt: str | Non
     stage_cfg = cfg.stages[stage]
     stage_dir = run_dir / stage
     datamodule = instantiate(cfg.data, **OmegaConf.to_container(stage_cfg.data, resolve=True))
-    nets: dict[str, Any] = {"generator": instantiate(cfg.model.generator)}
-    if stage == "second":
-        nets["critic"] = instantiate(cfg.model.critic)
+    # scan, split and cache here, once, before any DDP rank starts (and so the split is known here)
+    datamodule.prepare_data()
+    # the networks the stage's module takes, by name, from the model config (e.g. generator, critic)
+    nets: dict[str, Any] = {name: instantiate(cfg.model[name]) for name in stage_cfg.nets}
+    if init_ckpt is not None:
         nets["generator_init"] = init_ckpt
     module = instantiate(stage_cfg.module, **nets)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, stage_dir)
+    extra: dict[str, Any] = {}
+    if _in_multirun() and cfg.trainer.get("strategy"):
+        extra["strategy"] = multirun_safe_strategy(cfg.trainer.strategy)
+        if extra["strategy"] != cfg.trainer.strategy:
+            log.info(
+                "multirun: strategy %s -> %s (see README, Multi-GPU)", cfg.trainer.strategy, extra["strategy"]
+            )
     trainer = instantiate(
         cfg.trainer,
+        **extra,
         max_epochs=stage_cfg.max_epochs,
         default_root_dir=str(stage_dir),
-        logger=build_loggers(cfg, stage_dir, stage) or False,
+        logger=build_loggers(cfg, stage_dir, stage, resuming=ckpt_path is not None) or False,
         callbacks=build_callbacks(cfg, stage_dir),
     )
     log.info("stage %s: training for %d epochs in %s", stage, stage_cfg.max_epochs, stage_dir)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, stage_dir))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    # a W&B run stays open in the process: close it, or the next stage logs into this stage's run
+    for logger in trainer.loggers:
+        if type(logger).__name__ == "WandbLogger":
+            logger.experiment.finish()
     ckpt_cb = trainer.checkpoint_callback
     return {
         "best_ckpt": getattr(ckpt_cb, "best_model_path", None) or None,
@@ -165,6 +214,19 @@ def train_stage(cfg: DictConfig, stage: str, run_dir: Path, init_ckpt: str | Non
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
         "split_inputs_hash": datamodule.split.inputs_hash,
     }
+
+
+def check_run_dir(cfg: DictConfig, run_dir: Path, stages: list[str]) -> None:
+    """Refuse to train over another run's checkpoints unless resuming it (``ckpt_path``)."""
+    if cfg.ckpt_path is not None:
+        return
+    for stage in stages:
+        found = sorted((run_dir / stage / "checkpoints").glob("*.ckpt"))
+        if found:
+            raise ConfigError(
+                f"paths.output_dir={str(run_dir)!r} (hydra.run.dir) already holds checkpoints of stage {stage} "
+                f"({found[0].name}): resume that run with ckpt_path=last, or choose a new hydra.run.dir"
+            )
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -178,6 +240,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """
     stages = check_config(cfg)
     run_dir = Path(cfg.paths.output_dir)
+    check_run_dir(cfg, run_dir, stages)
     L.seed_everything(cfg.seed, workers=True)
     write_run_info(run_dir, cfg, split_hash=None)
     summary: dict[str, Any] = {}
@@ -193,3 +256,58 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     tmp.write_text(yaml.safe_dump(summary, sort_keys=False))
     os.replace(tmp, run_dir / "summary.yaml")
     return summary
+
+
+def _user_error(exc: BaseException) -> BaseException | None:
+    """The bad-input error (data, config, checkpoint, file system) in ``exc`` or its causes, if any."""
+    from ldct_lightning.callbacks import NonFiniteLossError
+    from ldct_lightning.data.datamodule import DataConfigError
+    from ldct_lightning.data.dicom import DicomError
+    from ldct_lightning.data.pairing import PairingError
+    from ldct_lightning.modules.handoff import CheckpointError
+
+    expected = (
+        DicomError,
+        PairingError,
+        DataConfigError,
+        ConfigError,
+        CheckpointError,
+        NonFiniteLossError,
+        OSError,
+    )
+    for _ in range(10):  # hydra.utils.instantiate wraps the errors of constructors
+        if exc is None or isinstance(exc, expected):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _fail(message: str, code: int) -> None:
+    print(f"train.py: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def main(cfg: DictConfig) -> None:
+    """``train.py``'s body: :func:`run` with one-line errors for bad input and clear exit codes."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from ldct_lightning.callbacks import NonFiniteLossError
+
+    # Exit codes: 0 done, 1 non-finite loss or Ctrl-C during fit (Lightning's status), 2 bad input or config,
+    # 130 Ctrl-C outside fit, 143 SIGTERM. Bad input gets one line naming the file or key instead of a traceback
+    # (HYDRA_FULL_ERROR=1 shows the traceback).
+    try:
+        run(cfg)
+    except SIGTERMException:  # a SystemExit with status 0; InterruptCheckpoint printed how to resume
+        _fail("stopped by SIGTERM", 143)
+    except KeyboardInterrupt:  # outside trainer.fit (inside it Lightning exits with status 1)
+        _fail("interrupted", 130)
+    except Exception as e:
+        error = _user_error(e)
+        if error is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        message = str(error) if not isinstance(error, OSError) else f"{error}. Check the path and free space"
+        if _in_multirun():  # let Hydra run the sweep's other jobs; it reports the failure at the end
+            print(f"train.py: error: {message}", file=sys.stderr, flush=True)
+            raise
+        _fail(f"error: {message}", 1 if isinstance(error, NonFiniteLossError) else 2)

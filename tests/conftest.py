@@ -56,3 +56,13 @@ def write_series(tmp_path: Path) -> Callable[..., WrittenSeries]:
         return WrittenSeries(paths=paths, hu=hu, spec=spec, z_mm=z)
 
     return _write
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ``tiny`` synthetic data set (DICOM + truth), generated once per test session."""
+    from ldct_lightning.data.synthetic import PRESETS, generate_dataset
+
+    root = tmp_path_factory.mktemp("tiny") / "data"
+    generate_dataset(root, PRESETS["tiny"], progress=False)
+    return root

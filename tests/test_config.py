@@ -53,7 +53,11 @@ def test_stage_group_has_first_and_second() -> None:
 
 @pytest.mark.parametrize(
     ("ablation", "stages", "init"),
-    [("proposed", ["first", "second"], "first"), ("oneStep", ["second"], "random"), ("firstStep", ["first"], "random")],
+    [
+        ("proposed", ["first", "second"], "first"),
+        ("oneStep", ["second"], "random"),
+        ("firstStep", ["first"], "random"),
+    ],
 )
 def test_ablation_selects_stages_and_init(ablation: str, stages: list[str], init: str) -> None:
     cfg, _ = compose_cfg([f"ablation={ablation}"])

@@ -317,7 +317,7 @@ def scan_dicom_folder(
             if not allow_non_ct:
                 raise DicomError(
                     f"{path}: modality is {modality}, not CT. Remove non-CT files from the folder "
-                    "or pass allow_non_ct=True to skip them"
+                    "or move them out of the folder (scan_dicom_folder(..., allow_non_ct=True) skips them)"
                 )
             skipped[f"modality {modality}"].append(path)
             continue

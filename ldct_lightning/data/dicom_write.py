@@ -67,9 +67,7 @@ def hu_to_stored(hu: np.ndarray, slope: float, intercept: float, signed: bool) -
     return np.clip(stored, info.min, info.max).astype(dtype)
 
 
-def ct_slice_dataset(
-    hu: np.ndarray, spec: CTSeriesSpec, z_mm: float, instance_number: int
-) -> FileDataset:
+def ct_slice_dataset(hu: np.ndarray, spec: CTSeriesSpec, z_mm: float, instance_number: int) -> FileDataset:
     """Build one CT Image Storage dataset for a 2-D slice in HU.
 
     Args:

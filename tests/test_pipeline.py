@@ -1,0 +1,221 @@
+"""Tiny end-to-end runs of the training pipeline on the tiny synthetic set (in-process and through train.py)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from ldct_lightning.pipeline import run
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = str(REPO / "conf")
+
+
+def tiny_cfg(data_root: Path, out_dir: Path, overrides: list[str]):
+    """Compose ``experiment=tiny`` on ``data_root`` writing into ``out_dir`` (no Hydra run directory)."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            config_name="config",
+            overrides=[
+                "experiment=tiny",
+                f"data.root={data_root}",
+                f"paths.root_dir={REPO}",
+                f"paths.output_dir={out_dir}",
+                f"paths.log_dir={out_dir.parent}",
+                *overrides,
+            ],
+        )
+    return cfg
+
+
+def read_metrics(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def epoch_means(rows: list[dict[str, str]], key: str) -> dict[int, float]:
+    per_epoch: dict[int, list[float]] = {}
+    for row in rows:
+        if row.get(key):
+            per_epoch.setdefault(int(row["epoch"]), []).append(float(row[key]))
+    return {e: sum(v) / len(v) for e, v in per_epoch.items()}
+
+
+def test_fast_dev_run_of_both_stages(tiny_dataset: Path, tmp_path: Path) -> None:
+    cfg = tiny_cfg(tiny_dataset, tmp_path / "run", ["debug=fast"])
+    summary = run(cfg)
+    assert set(summary) == {"first", "second"}
+    assert (tmp_path / "run" / "run_info.yaml").is_file()
+
+
+def test_stage1_fit_lowers_the_loss_and_writes_checkpoints(tiny_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = tiny_cfg(
+        tiny_dataset,
+        out,
+        [
+            "ablation=firstStep",
+            "stages.first.max_epochs=4",
+            "data.samples_per_epoch=24",
+            "model.vgg.weights=random",
+        ],
+    )
+    summary = run(cfg)
+    first = summary["first"]
+    assert Path(first["last_ckpt"]).is_file() and Path(first["best_ckpt"]).is_file()
+    losses = epoch_means(read_metrics(out / "first" / "metrics.csv"), "train/loss")
+    assert sorted(losses) == [0, 1, 2, 3]
+    assert losses[3] < losses[0], losses
+    # the checkpoint holds the generator but not the frozen VGG of the loss
+    state = torch.load(first["last_ckpt"], map_location="cpu", weights_only=True)["state_dict"]
+    assert any(k.startswith("generator.") for k in state)
+    assert not any(k.startswith("loss.") for k in state)
+    info = (out / "run_info.yaml").read_text()
+    assert "git_commit" in info and "split_inputs_hash" in info
+    assert first["split_inputs_hash"] in info
+
+
+def test_proposed_hands_the_stage1_generator_to_stage2(tiny_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = tiny_cfg(tiny_dataset, out, ["ablation=proposed", "stages.second.max_epochs=1"])
+    summary = run(cfg)
+    stage2_hparams = (out / "second" / "hparams.yaml").read_text()
+    assert "generator_init" in stage2_hparams
+    first_state = torch.load(summary["first"]["best_ckpt"], map_location="cpu", weights_only=True)[
+        "state_dict"
+    ]
+    second = torch.load(summary["second"]["last_ckpt"], map_location="cpu", weights_only=True)
+    assert second["generator_init_source"] == summary["first"]["best_ckpt"]
+    assert set(first_state) & set(second["state_dict"])
+
+
+def test_wandb_offline_run_writes_its_files(tiny_dataset: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    cfg = tiny_cfg(tiny_dataset, out, ["ablation=firstStep", "logger=wandb", "stages.first.max_epochs=1"])
+    run(cfg)
+    runs = list((out / "first" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, list((out / "first").rglob("*"))
+    assert list(runs[0].glob("*.wandb")), "the offline run has no .wandb data file"
+
+
+def test_resume_from_last_continues_the_epoch_count(tiny_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run(tiny_cfg(tiny_dataset, out, ["ablation=firstStep", "stages.first.max_epochs=1"]))
+    run(tiny_cfg(tiny_dataset, out, ["ablation=firstStep", "stages.first.max_epochs=2", "ckpt_path=last"]))
+    last = torch.load(out / "first" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 1  # epochs 0 and 1: the second run trained one more epoch, not two
+    steps_per_epoch = 8 // 4  # samples_per_epoch / batch_size of experiment=tiny
+    assert last["global_step"] == 2 * steps_per_epoch
+
+
+def _train_py(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "WANDB_MODE": "offline"}
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_multirun_of_the_three_ablations(tiny_dataset: Path, tmp_path: Path) -> None:
+    proc = _train_py(
+        [
+            "-m",
+            "experiment=tiny",
+            f"data.root={tiny_dataset}",
+            f"paths.log_dir={tmp_path}",
+            "ablation=proposed,oneStep,firstStep",
+            "stages.first.max_epochs=1",
+            "stages.second.max_epochs=1",
+        ],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweeps = list((tmp_path / "tiny" / "multiruns").iterdir())
+    assert len(sweeps) == 1
+    runs = sorted(p.name for p in sweeps[0].iterdir() if p.is_dir() and p.name[0].isdigit())
+    assert runs == ["0_proposed_s42", "1_oneStep_s42", "2_firstStep_s42"]
+    stages = {
+        r: sorted(p.name for p in (sweeps[0] / r).iterdir() if p.name in ("first", "second")) for r in runs
+    }
+    assert stages == {
+        "0_proposed_s42": ["first", "second"],
+        "1_oneStep_s42": ["second"],
+        "2_firstStep_s42": ["first"],
+    }
+
+
+def test_cpu_ddp_fit_of_stage2_with_two_processes(tiny_dataset: Path, tmp_path: Path) -> None:
+    proc = _train_py(
+        [
+            "experiment=tiny",
+            f"data.root={tiny_dataset}",
+            f"paths.log_dir={tmp_path}",
+            "ablation=oneStep",
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.precision=32",
+            "stages.second.max_epochs=1",
+        ],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = list((tmp_path / "tiny" / "runs").iterdir())
+    assert (run_dir / "second" / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "train_ddp_process_1.log").is_file()  # the second process ran
+
+
+def test_config_errors_name_the_key(tiny_dataset: Path, tmp_path: Path) -> None:
+    cfg = tiny_cfg(tiny_dataset, tmp_path / "run", ["stages.first.data.crop_size=20"])
+    with pytest.raises(ValueError, match="stages.first.data.crop_size"):
+        run(cfg)
+    with open_dict(cfg):
+        cfg.stages.first.data.crop_size = 32
+        cfg.stages.second.generator_init = str(tmp_path / "missing.ckpt")
+    with pytest.raises(ValueError, match="generator_init"):
+        run(cfg)
+
+
+@pytest.mark.slow
+def test_multirun_with_ddp_uses_spawn_and_does_not_relaunch_the_sweep(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    proc = _train_py(
+        [
+            "-m",
+            "experiment=tiny",
+            f"data.root={tiny_dataset}",
+            f"paths.log_dir={tmp_path}",
+            "ablation=proposed,firstStep",
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.precision=32",
+            "stages.first.max_epochs=1",
+            "stages.second.max_epochs=1",
+        ],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ddp_spawn_find_unused_parameters_true" in proc.stdout + proc.stderr
+    (sweep,) = list((tmp_path / "tiny" / "multiruns").iterdir())
+    lasts = sorted(str(p.relative_to(sweep)) for p in sweep.rglob("last.ckpt"))
+    assert lasts == [
+        "0_proposed_s42/first/checkpoints/last.ckpt",
+        "0_proposed_s42/second/checkpoints/last.ckpt",
+        "1_firstStep_s42/first/checkpoints/last.ckpt",
+    ]
