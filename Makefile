@@ -5,6 +5,8 @@ ARGS ?=
 DEMO_DATA ?= data/demo
 DEMO_RUN ?= outputs/demo-run
 DEMO_OUT ?= outputs/demo
+# the row every other is tested against in `make ablations` (with seeds: e.g. PROPOSED=proposed_s1)
+PROPOSED ?= proposed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
@@ -61,9 +63,12 @@ train-two: data-demo  ## both stages in one run (the proposed method)
 	@echo "+ $(PYTHON) train.py experiment=demo ablation=proposed $(ARGS)"
 	@$(PYTHON) train.py experiment=demo ablation=proposed $(ARGS)
 
-ablations: data-demo  ## proposed, oneStep and firstStep as one Hydra multirun
+ablations: data-demo  ## proposed, oneStep and firstStep as one Hydra multirun, then their evaluation table
 	@echo "+ $(PYTHON) train.py -m experiment=demo ablation=proposed,oneStep,firstStep $(ARGS)"
 	@$(PYTHON) train.py -m experiment=demo ablation=proposed,oneStep,firstStep $(ARGS)
+	@sweep=$$(ls -td outputs/multiruns/demo/*/ | head -n 1); \
+	echo "+ ldct-evaluate --data $(DEMO_DATA) --sweep $$sweep --proposed $(PROPOSED) --out $${sweep}evaluation --overwrite"; \
+	ldct-evaluate --data $(DEMO_DATA) --sweep $$sweep --proposed $(PROPOSED) --out $${sweep}evaluation --overwrite
 
 test: install  ## run the fast test suite (what CI runs)
 	@echo "+ $(PYTHON) -m pytest -m 'not slow and not gpu' $(PYTEST_ARGS)"

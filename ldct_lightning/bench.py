@@ -134,6 +134,7 @@ def bench_model(quick: bool) -> dict[str, Any]:
         "generator_parameters": count_parameters(gen),
         "generator_gflops_per_512_slice": flops.gflops,
         "flops_convention": "2 FLOPs per multiply-accumulate, convolutions and matmuls only",
+        "stage1_loss": "eq. 8 with the VGG-19 perceptual term (random weights, same cost), Adam",
     }
     loss = Stage1Loss(perceptual_weight=1.0, vgg_weights="random").to(device)
     opt = torch.optim.Adam(gen.parameters(), lr=1e-3, betas=(0.5, 0.999))

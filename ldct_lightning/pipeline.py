@@ -18,7 +18,7 @@ import yaml
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ldct_lightning.modules.handoff import find_latest_checkpoint
+from ldct_lightning.modules.handoff import CheckpointError, find_latest_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -126,11 +126,26 @@ def resolve_generator_init(cfg: DictConfig, run_dir: Path, first_ckpt: str | Non
     if init in (None, "random"):
         return None
     if init == "first":
-        if first_ckpt:
-            return first_ckpt
-        experiment_dir = Path(cfg.paths.log_dir) / cfg.experiment_name
-        return str(find_latest_checkpoint(experiment_dir, stage_dir="first", which="best"))
+        return first_ckpt or str(latest_stage1_checkpoint(Path(cfg.paths.log_dir), cfg.experiment_name))
     return str(init)
+
+
+def latest_stage1_checkpoint(log_dir: Path, experiment_name: str) -> Path:
+    """The newest best stage-1 checkpoint of the experiment's runs and multiruns."""
+    found = []
+    for kind in ("runs", "multiruns"):
+        try:
+            found.append(
+                find_latest_checkpoint(log_dir / kind / experiment_name, stage_dir="first", which="best")
+            )
+        except CheckpointError:
+            pass
+    if not found:
+        raise CheckpointError(
+            f"{log_dir}/{{runs,multiruns}}/{experiment_name}: no stage-1 checkpoint of experiment "
+            f"{experiment_name!r}. Train stage 1 first (ablation=firstStep) or set stages.second.generator_init"
+        )
+    return max(found, key=lambda p: p.stat().st_mtime)
 
 
 def multirun_safe_strategy(strategy: Any) -> Any:
@@ -264,7 +279,6 @@ def _user_error(exc: BaseException) -> BaseException | None:
     from ldct_lightning.data.datamodule import DataConfigError
     from ldct_lightning.data.dicom import DicomError
     from ldct_lightning.data.pairing import PairingError
-    from ldct_lightning.modules.handoff import CheckpointError
 
     expected = (
         DicomError,

@@ -144,7 +144,7 @@ def test_multirun_of_the_three_ablations(tiny_dataset: Path, tmp_path: Path) -> 
         tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    sweeps = list((tmp_path / "tiny" / "multiruns").iterdir())
+    sweeps = list((tmp_path / "multiruns" / "tiny").iterdir())
     assert len(sweeps) == 1
     runs = sorted(p.name for p in sweeps[0].iterdir() if p.is_dir() and p.name[0].isdigit())
     assert runs == ["0_proposed_s42", "1_oneStep_s42", "2_firstStep_s42"]
@@ -156,6 +156,24 @@ def test_multirun_of_the_three_ablations(tiny_dataset: Path, tmp_path: Path) -> 
         "1_oneStep_s42": ["second"],
         "2_firstStep_s42": ["first"],
     }
+    # the evaluation table of the sweep (as `make ablations` runs it)
+    from ldct_lightning.cli.evaluate import main as evaluate_main
+
+    out = tmp_path / "evaluation"
+    args = [
+        "--data",
+        str(tiny_dataset),
+        "--sweep",
+        str(sweeps[0]),
+        "--proposed",
+        "proposed",
+        "--out",
+        str(out),
+    ]
+    assert evaluate_main([*args, "--no-progress", "--no-volumes"]) == 0
+    table = (out / "tables" / "paper_table4.md").read_text()
+    for row in ("| PSNR | LDCT |", "|  | proposed |", "|  | oneStep |", "|  | firstStep |"):
+        assert row in table, table
 
 
 def test_cpu_ddp_fit_of_stage2_with_two_processes(tiny_dataset: Path, tmp_path: Path) -> None:
@@ -174,7 +192,7 @@ def test_cpu_ddp_fit_of_stage2_with_two_processes(tiny_dataset: Path, tmp_path: 
         tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (run_dir,) = list((tmp_path / "tiny" / "runs").iterdir())
+    (run_dir,) = list((tmp_path / "runs" / "tiny").iterdir())
     assert (run_dir / "second" / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "train_ddp_process_1.log").is_file()  # the second process ran
 
@@ -212,10 +230,32 @@ def test_multirun_with_ddp_uses_spawn_and_does_not_relaunch_the_sweep(
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ddp_spawn_find_unused_parameters_true" in proc.stdout + proc.stderr
-    (sweep,) = list((tmp_path / "tiny" / "multiruns").iterdir())
+    (sweep,) = list((tmp_path / "multiruns" / "tiny").iterdir())
     lasts = sorted(str(p.relative_to(sweep)) for p in sweep.rglob("last.ckpt"))
     assert lasts == [
         "0_proposed_s42/first/checkpoints/last.ckpt",
         "0_proposed_s42/second/checkpoints/last.ckpt",
         "1_firstStep_s42/first/checkpoints/last.ckpt",
     ]
+
+
+def test_stage2_alone_starts_from_the_latest_stage1_run_of_the_experiment(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    log_dir = tmp_path / "logs"
+    first = run(tiny_cfg(tiny_dataset, log_dir / "runs" / "tiny" / "a", ["ablation=firstStep"]))["first"]
+    out = log_dir / "runs" / "tiny" / "b"
+    cfg = tiny_cfg(
+        tiny_dataset, out, ["ablation=proposed", "run_stages=[second]", "stages.second.max_epochs=1"]
+    )
+    with open_dict(cfg):
+        cfg.paths.log_dir = str(log_dir)
+    second = run(cfg)["second"]
+    ckpt = torch.load(second["last_ckpt"], map_location="cpu", weights_only=True)
+    assert ckpt["generator_init_source"] == first["best_ckpt"]
+
+
+def test_stage2_alone_without_any_stage1_run_fails_clearly(tiny_dataset: Path, tmp_path: Path) -> None:
+    cfg = tiny_cfg(tiny_dataset, tmp_path / "logs" / "runs" / "tiny" / "b", ["run_stages=[second]"])
+    with pytest.raises(ValueError, match="no stage-1 checkpoint of experiment 'tiny'"):
+        run(cfg)

@@ -22,8 +22,8 @@ PROG = "ldct-evaluate"
 EPILOG = """\
 examples:
   ldct-evaluate --data data/demo \\
-      --method proposed=outputs/demo/runs/2024-01-01_12-00-00/second/checkpoints/last.ckpt \\
-      --method firstStep=outputs/demo/runs/2024-01-01_13-00-00/first/checkpoints/last.ckpt \\
+      --method proposed=outputs/runs/demo/2024-01-01_12-00-00/second/checkpoints/last.ckpt \\
+      --method firstStep=outputs/runs/demo/2024-01-01_13-00-00/first/checkpoints/last.ckpt \\
       --proposed proposed --out outputs/demo/eval
   ldct-evaluate --report-only --out outputs/demo/eval      # re-render report.md from the records
 
@@ -58,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME=CHECKPOINT",
         help="a method row: its name and Lightning checkpoint (repeat for more methods)",
+    )
+    p.add_argument(
+        "--sweep",
+        type=Path,
+        default=None,
+        metavar="MULTIRUN_DIR",
+        help="add one row per job of a train.py multirun (e.g. the three ablations): named by ablation (and "
+        "seed when several), stage 2's last checkpoint when the job trained it, else stage 1's best",
     )
     p.add_argument(
         "--bm3d",
@@ -134,6 +142,32 @@ def parse_methods(specs: Sequence[str]) -> dict[str, Path]:
     return methods
 
 
+def sweep_methods(sweep: Path) -> dict[str, Path]:
+    """Methods of a multirun folder: ``<n>_<ablation>_s<seed>/summary.yaml`` of each finished job."""
+    import yaml
+
+    jobs = sorted(p for p in sweep.glob("*/summary.yaml"))
+    if not jobs:
+        raise EvaluateCLIError(
+            f"--sweep {sweep}: no finished job (no */summary.yaml). Run the multirun first"
+        )
+    rows = []
+    for summary_file in jobs:
+        summary = yaml.safe_load(summary_file.read_text()) or {}
+        config = yaml.safe_load((summary_file.parent / "run_info.yaml").read_text())["config"]
+        stage = summary.get("second") or summary.get("first") or {}
+        ckpt = (
+            stage.get("last_ckpt")
+            if "second" in summary
+            else stage.get("best_ckpt") or stage.get("last_ckpt")
+        )
+        if not ckpt:
+            raise EvaluateCLIError(f"{summary_file}: the job saved no checkpoint (was it a debug run?)")
+        rows.append((config["ablation"]["name"], config["seed"], Path(ckpt)))
+    several_seeds = len({seed for _, seed, _ in rows}) > 1
+    return {f"{name}_s{seed}" if several_seeds else name: ckpt for name, seed, ckpt in rows}
+
+
 def _split_params(args: argparse.Namespace) -> dict[str, object]:
     """Split parameters: given ones, else those stored in an existing split file, else the data config's."""
     split_file = args.split_file or args.data / "split.yaml"
@@ -181,9 +215,14 @@ def run(args: argparse.Namespace) -> int:
         raise EvaluateCLIError("--data is required: the data folder (DICOM tree or synthetic set)")
     if not args.data.is_dir():
         raise EvaluateCLIError(f"--data {args.data}: not a folder. Give the data set's folder")
-    if not args.method and args.bm3d is None:
+    if not args.method and args.bm3d is None and args.sweep is None:
         raise EvaluateCLIError("no --method given: add --method NAME=CHECKPOINT (one per method)")
     methods = parse_methods(args.method)
+    if args.sweep is not None:
+        for name, ckpt in sweep_methods(args.sweep).items():
+            if name in methods:
+                raise EvaluateCLIError(f"--sweep {args.sweep}: method {name!r} is also given by --method")
+            methods[name] = ckpt
     names = [*methods, *(["BM3D"] if args.bm3d is not None else [])]
     if args.bm3d is not None and "BM3D" in methods:
         raise EvaluateCLIError("--bm3d adds a row named BM3D: rename the --method called BM3D")
