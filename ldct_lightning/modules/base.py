@@ -12,6 +12,7 @@ stage-1 and stage-2 curves compare in one dashboard:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import lightning as L
@@ -22,6 +23,29 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from ldct_lightning.data.normalize import HU_MAX, HU_MIN, WINDOWS, apply_window, unit_to_hu
 from ldct_lightning.image_logging import log_image_panel
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+
+
+def optimizer_config(
+    params: Iterable[nn.Parameter], make_opt: OptimizerFactory, make_sched: SchedulerFactory | None
+) -> dict[str, Any]:
+    """One entry of ``configure_optimizers``: the optimizer and, if given, its per-epoch scheduler."""
+    optimizer = make_opt(params)
+    config: dict[str, Any] = {"optimizer": optimizer}
+    if make_sched is not None:
+        config["lr_scheduler"] = {"scheduler": make_sched(optimizer), "interval": "epoch"}
+    return config
+
+
+def step_schedulers(module: L.LightningModule) -> None:
+    """Step every LR scheduler once (manual optimization: Lightning does not)."""
+    schedulers = module.lr_schedulers()
+    if schedulers is None:
+        return
+    for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
+        scheduler.step()
 
 
 def _window_metrics(prefix: str) -> MetricCollection:

@@ -20,14 +20,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldct_lightning.data.normalize import HU_MAX, HU_MIN
-from ldct_lightning.modules.base import DenoisingModule
-from ldct_lightning.modules.pix2pix import (
+from ldct_lightning.modules.base import (
+    DenoisingModule,
     OptimizerFactory,
     SchedulerFactory,
     optimizer_config,
-    source_target,
     step_schedulers,
 )
+from ldct_lightning.modules.pix2pix import source_target
 
 
 class ImagePool:

@@ -12,19 +12,20 @@ update; ``trainer.global_step`` advances by 2. Schedulers are stepped once per e
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ldct_lightning.data.normalize import HU_MAX, HU_MIN
-from ldct_lightning.modules.base import DenoisingModule
-
-OptimizerFactory = Callable[..., torch.optim.Optimizer]
-SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+from ldct_lightning.modules.base import (
+    DenoisingModule,
+    OptimizerFactory,
+    SchedulerFactory,
+    optimizer_config,
+    step_schedulers,
+)
 
 
 def source_target(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,26 +44,6 @@ def source_target(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         f"training batch has keys {sorted(batch)}: expected ldct/ndct (data.train_mode=unaligned) "
         "or input/target (simulated, paired)"
     )
-
-
-def optimizer_config(
-    params: Iterable[nn.Parameter], make_opt: OptimizerFactory, make_sched: SchedulerFactory | None
-) -> dict[str, Any]:
-    """One entry of ``configure_optimizers``: the optimizer and, if given, its per-epoch scheduler."""
-    optimizer = make_opt(params)
-    config: dict[str, Any] = {"optimizer": optimizer}
-    if make_sched is not None:
-        config["lr_scheduler"] = {"scheduler": make_sched(optimizer), "interval": "epoch"}
-    return config
-
-
-def step_schedulers(module: L.LightningModule) -> None:
-    """Step every LR scheduler once (manual optimization: Lightning does not)."""
-    schedulers = module.lr_schedulers()
-    if schedulers is None:
-        return
-    for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
-        scheduler.step()
 
 
 def bce_gan_loss(logits: torch.Tensor, real: bool) -> torch.Tensor:

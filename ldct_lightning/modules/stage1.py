@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from ldct_lightning.data.normalize import HU_MAX, HU_MIN
-from ldct_lightning.modules.base import DenoisingModule
-
-OptimizerFactory = Callable[..., torch.optim.Optimizer]
-SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+from ldct_lightning.modules.base import DenoisingModule, OptimizerFactory, SchedulerFactory, optimizer_config
 
 
 class Stage1Module(DenoisingModule):
@@ -61,8 +57,4 @@ class Stage1Module(DenoisingModule):
         return total
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory(self.generator.parameters())
-        if self.scheduler_factory is None:
-            return {"optimizer": optimizer}
-        scheduler = self.scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return optimizer_config(self.generator.parameters(), self.optimizer_factory, self.scheduler_factory)

@@ -13,7 +13,6 @@ Gradient clipping is not applied (Lightning does not clip under manual optimizat
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,11 +20,14 @@ from torch import nn
 
 from ldct_lightning.data.normalize import HU_MAX, HU_MIN
 from ldct_lightning.losses import gradient_penalty
-from ldct_lightning.modules.base import DenoisingModule
+from ldct_lightning.modules.base import (
+    DenoisingModule,
+    OptimizerFactory,
+    SchedulerFactory,
+    optimizer_config,
+    step_schedulers,
+)
 from ldct_lightning.modules.handoff import load_generator_weights
-
-OptimizerFactory = Callable[..., torch.optim.Optimizer]
-SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 
 
 class Stage2Module(DenoisingModule):
@@ -178,21 +180,12 @@ class Stage2Module(DenoisingModule):
             self._grad_norms[name] = torch.nn.utils.get_total_norm(grads).detach()
 
     def on_train_epoch_end(self) -> None:
-        # manual optimization: Lightning does not step the schedulers
-        schedulers = self.lr_schedulers()
-        if schedulers is None:
-            return
-        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
-            scheduler.step()
+        step_schedulers(self)
 
     def configure_optimizers(self) -> list[dict[str, Any]]:
-        configs = []
-        for net, make_opt, make_sched in zip(
-            (self.generator, self.critic), self.optimizer_factories, self.scheduler_factories, strict=True
-        ):
-            optimizer = make_opt(net.parameters())
-            config: dict[str, Any] = {"optimizer": optimizer}
-            if make_sched is not None:
-                config["lr_scheduler"] = {"scheduler": make_sched(optimizer), "interval": "epoch"}
-            configs.append(config)
-        return configs
+        return [
+            optimizer_config(net.parameters(), make_opt, make_sched)
+            for net, make_opt, make_sched in zip(
+                (self.generator, self.critic), self.optimizer_factories, self.scheduler_factories, strict=True
+            )
+        ]
