@@ -10,7 +10,7 @@ PROPOSED ?= proposed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo evaluate report data-demo test test-full lint format bench train-first train-second train-two ablations clean
+.PHONY: help install demo evaluate report baselines data-demo test test-full lint format bench train-first train-second train-two ablations clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -69,6 +69,15 @@ ablations: data-demo  ## proposed, oneStep and firstStep as one Hydra multirun, 
 	@sweep=$$(ls -td outputs/multiruns/demo/*/ | head -n 1); \
 	echo "+ ldct-evaluate --data $(DEMO_DATA) --sweep $$sweep --proposed $(PROPOSED) --out $${sweep}evaluation --overwrite"; \
 	ldct-evaluate --data $(DEMO_DATA) --sweep $$sweep --proposed $(PROPOSED) --out $${sweep}evaluation --overwrite
+
+baselines: data-demo  ## RED-CNN, Pix2Pix, CycleGAN as one multirun, then a table beside the demo's proposed model (and BM3D)
+	@test -f $(DEMO_RUN)/second/checkpoints/last.ckpt || { echo "make baselines compares with the demo's proposed model: run make demo first"; exit 2; }
+	@echo "+ $(PYTHON) train.py -m experiment=demo model=redcnn,pix2pix,cyclegan $(ARGS)"
+	@$(PYTHON) train.py -m experiment=demo model=redcnn,pix2pix,cyclegan $(ARGS)
+	@sweep=$$(ls -td outputs/multiruns/demo/*/ | head -n 1); \
+	bm3d=$$($(PYTHON) -c "import bm3d" 2>/dev/null && echo --bm3d); \
+	echo "+ ldct-evaluate --data $(DEMO_DATA) --sweep $$sweep --method proposed=$(DEMO_RUN)/second/checkpoints/last.ckpt $$bm3d --proposed proposed --out $${sweep}evaluation --overwrite"; \
+	ldct-evaluate --data $(DEMO_DATA) --sweep $$sweep --method proposed=$(DEMO_RUN)/second/checkpoints/last.ckpt $$bm3d --proposed proposed --out $${sweep}evaluation --overwrite
 
 test: install  ## run the fast test suite (what CI runs)
 	@echo "+ $(PYTHON) -m pytest -m 'not slow and not gpu' $(PYTEST_ARGS)"

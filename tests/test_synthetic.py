@@ -47,8 +47,10 @@ def dataset(tiny_dataset: Path) -> dict:
     }
 
 
-def test_layout_manifest_and_labels(dataset: dict) -> None:
-    root = dataset["root"]
+def test_layout_manifest_and_labels(dataset: dict, tmp_path: Path) -> None:
+    # a fresh set: the shared one also holds the split and cache that other tests' DataModules write into it
+    root = tmp_path / "fresh"
+    generate_dataset(root, PRESETS["tiny"], progress=False)
     assert sorted(p.name for p in root.iterdir()) == [
         "dicom",
         "labels.json",
