@@ -90,3 +90,15 @@ def test_bad_stage_values_name_the_key() -> None:
     cfg, _ = compose_cfg(["stages.first.data.crop_size=100"])
     with pytest.raises(ConfigError, match="stages.first.data.crop_size"):
         check_config(cfg)
+
+
+def test_slurm_launcher_composes_with_one_task_per_gpu() -> None:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            config_name="config",
+            overrides=["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=4"],
+            return_hydra_config=True,
+        )
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.tasks_per_node == 4 and launcher.nodes == 1
