@@ -120,7 +120,7 @@ def build_callbacks(cfg: DictConfig, stage_dir: Path) -> list[Any]:
     return callbacks
 
 
-def resolve_generator_init(cfg: DictConfig, run_dir: Path, first_ckpt: str | None) -> str | None:
+def resolve_generator_init(cfg: DictConfig, first_ckpt: str | None) -> str | None:
     """Turn ``stages.second.generator_init`` into a checkpoint path, or None for random initialisation."""
     init = cfg.stages.second.generator_init
     if init in (None, "random"):
@@ -263,7 +263,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         init = None
         if stage == "second":
             first = summary.get("first", {})
-            init = resolve_generator_init(cfg, run_dir, first.get("best_ckpt") or first.get("last_ckpt"))
+            init = resolve_generator_init(cfg, first.get("best_ckpt") or first.get("last_ckpt"))
             log.info("stage second: generator from %s", init or "random initialisation")
         summary[stage] = train_stage(cfg, stage, run_dir, init)
         write_run_info(run_dir, cfg, summary[stage]["split_inputs_hash"])
