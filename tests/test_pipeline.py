@@ -131,12 +131,12 @@ def _train_py(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_multirun_of_the_three_ablations(tiny_dataset: Path, tmp_path: Path) -> None:
+    # default paths (no paths.log_dir override): the sweep goes to <cwd>/outputs/multiruns/<experiment>/<time>
     proc = _train_py(
         [
             "-m",
             "experiment=tiny",
             f"data.root={tiny_dataset}",
-            f"paths.log_dir={tmp_path}",
             "ablation=proposed,oneStep,firstStep",
             "stages.first.max_epochs=1",
             "stages.second.max_epochs=1",
@@ -144,7 +144,7 @@ def test_multirun_of_the_three_ablations(tiny_dataset: Path, tmp_path: Path) -> 
         tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    sweeps = list((tmp_path / "multiruns" / "tiny").iterdir())
+    sweeps = list((tmp_path / "outputs" / "multiruns" / "tiny").iterdir())
     assert len(sweeps) == 1
     runs = sorted(p.name for p in sweeps[0].iterdir() if p.is_dir() and p.name[0].isdigit())
     assert runs == ["0_proposed_s42", "1_oneStep_s42", "2_firstStep_s42"]
