@@ -147,6 +147,40 @@ def test_truth_gives_reference_targets_and_labels(tmp_path: Path) -> None:
     assert int((test["labels"][0] == 2).sum()) == 64
 
 
+def test_truth_low_dose_trains_on_aligned_pairs_and_keeps_the_series_elsewhere(tmp_path: Path) -> None:
+    """train_ldct=truth (the oracle): training LDCT = truth lowdose_nd, pixel-aligned with the NDCT."""
+    root = tmp_path / "data"
+    write_dataset(root, n_patients=3, truth=True)
+    series = make_dm(root, tmp_path)
+    series.setup("fit")
+    for (
+        key
+    ) in series.split.train:  # planted: the NDCT volume + 100 HU, so input - target = 100 HU at every pixel
+        truth = root / "truth" / f"{key}.npz"
+        arrays = dict(np.load(truth))
+        arrays["lowdose_nd"] = np.asarray(series._patients[key].ndct, dtype=np.float32) + 100.0
+        np.savez(truth, **arrays)
+
+    dm = make_dm(root, tmp_path, train_mode="paired", train_ldct="truth", min_foreground=0.5)
+    dm.setup("fit")
+    (key,) = dm.split.train
+    patient = dm.patients("train")[0]
+    assert patient.aligned and np.array_equal(patient.z_ldct, patient.z_ndct)
+    batch = first_batch(dm.train_dataloader())
+    diff_hu = (batch["input"] - batch["target"]) * (HU_MAX - HU_MIN)
+    inside = batch["target"] * (HU_MAX - HU_MIN) + HU_MIN > -900  # away from the -1024 HU clip
+    assert float(diff_hu[inside].min()) == pytest.approx(100.0, abs=0.1)
+    assert float(diff_hu[inside].max()) == pytest.approx(100.0, abs=0.1)
+    # validation keeps the real LDCT series
+    (val_key,) = dm.split.val
+    np.testing.assert_array_equal(dm._patients[val_key].ldct, series._patients[val_key].ldct)
+
+
+def test_truth_low_dose_without_truth_files_names_the_key(dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataConfigError, match=r"data\.train_ldct='truth'.*no such file.*ldct-simulate"):
+        make_dm(dataset, tmp_path, train_mode="paired", train_ldct="truth").setup("fit")
+
+
 def test_cache_is_reused_and_split_is_stable(dataset: Path, tmp_path: Path) -> None:
     first = make_dm(dataset, tmp_path)
     first.setup("fit")
@@ -236,6 +270,7 @@ def test_fit_with_lightning(dataset: Path, tmp_path: Path) -> None:
         ({"noise": {"kind": "gaussian", "photons_per_ray": 1e4}}, "data.noise.photons_per_ray"),
         ({"noise": {"kind": "projection", "photons_per_ray": 0}}, "data.noise.photons_per_ray"),
         ({"manifest": "/no/such/manifest.csv"}, "data.manifest"),
+        ({"train_ldct": "aligned"}, "data.train_ldct"),
         ({"root": "???"}, "data.root"),
     ],
 )

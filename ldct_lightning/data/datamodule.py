@@ -42,6 +42,7 @@ from ldct_lightning.data.pairing import Split, Study, build_studies, load_or_cre
 log = logging.getLogger(__name__)
 
 TRAIN_MODES = ("simulated", "unaligned", "paired")
+TRAIN_LDCT_SOURCES = ("series", "truth")
 NOISE_KINDS = ("gaussian", "projection")
 _NOISE_KEYS = {
     "gaussian": {"kind", "sigma_hu"},
@@ -104,6 +105,9 @@ class LDCTDataModule(L.LightningDataModule):
         z_tolerance_mm: unaligned mode: largest z distance between the LDCT and NDCT slice of a pair.
         xy_jitter: unaligned mode: largest shift (pixels) of the NDCT crop against the LDCT crop.
         progress: show progress bars while scanning and caching.
+        train_ldct: low-dose images of the training patients: ``series`` (the LDCT DICOM series) or
+            ``truth`` (synthetic data only: the truth file's low-dose scan in the NDCT pose, ``lowdose_nd``,
+            pixel-aligned with the NDCT, for the aligned-data oracle; validation and test keep the series).
 
     Raises:
         DataConfigError: a config value is invalid (raised at construction, or at setup when it depends on
@@ -136,6 +140,7 @@ class LDCTDataModule(L.LightningDataModule):
         z_tolerance_mm: float = 5.0,
         xy_jitter: int = 16,
         progress: bool = False,
+        train_ldct: str = "series",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -161,6 +166,7 @@ class LDCTDataModule(L.LightningDataModule):
         self.min_foreground = min_foreground
         self.z_tolerance_mm, self.xy_jitter = z_tolerance_mm, xy_jitter
         self.progress = progress
+        self.train_ldct = train_ldct
         self._check_config()
 
         self.series: list[SeriesInfo] | None = None
@@ -183,6 +189,8 @@ class LDCTDataModule(L.LightningDataModule):
 
         if self.train_mode not in TRAIN_MODES:
             fail("train_mode", f"unknown mode; choose one of {', '.join(TRAIN_MODES)}")
+        if self.train_ldct not in TRAIN_LDCT_SOURCES:
+            fail("train_ldct", f"unknown source; choose one of {', '.join(TRAIN_LDCT_SOURCES)}")
         for key in ("crop_size", "batch_size", "val_batch_size"):
             if not _is_int(getattr(self, key)) or getattr(self, key) < 1:
                 fail(key, "must be a positive integer")
@@ -303,6 +311,9 @@ class LDCTDataModule(L.LightningDataModule):
             )
         for key in keys:
             self._patients[key] = self._load_patient(by_key[key])
+        if self.train_ldct == "truth":
+            for key in self.split.train:
+                self._patients[key] = self._truth_lowdose_patient(self._patients[key])
 
     def _load_patient(self, study: Study) -> PatientVolumes:
         assert self.cache is not None
@@ -335,6 +346,29 @@ class LDCTDataModule(L.LightningDataModule):
             aligned=study.aligned,
             reference=reference,
             labels=labels,
+        )
+
+    def _truth_lowdose_patient(self, patient: PatientVolumes) -> PatientVolumes:
+        """``patient`` with its LDCT replaced by the truth's low-dose scan in the NDCT pose (aligned)."""
+        assert self.cache is not None
+        truth = self.root / "truth" / f"{patient.patient_key}.npz"
+        arrays = self.cache.get_npz(truth) if truth.is_file() else {}
+        lowdose = arrays.get("lowdose_nd")
+        if lowdose is None or patient.ndct is None or lowdose.shape != patient.ndct.shape:
+            got = "no such file" if not truth.is_file() else f"lowdose_nd {getattr(lowdose, 'shape', None)}"
+            raise DataConfigError(
+                f"data.train_ldct='truth': {truth}: {got}, expected lowdose_nd of the NDCT's shape. "
+                "It needs a synthetic set from ldct-simulate; use data.train_ldct=series for other data"
+            )
+        return PatientVolumes(
+            patient.patient_key,
+            ldct=lowdose,
+            ndct=patient.ndct,
+            z_ldct=patient.z_ndct,
+            z_ndct=patient.z_ndct,
+            aligned=True,
+            reference=arrays.get("clean_nd"),
+            labels=arrays.get("labels_nd"),
         )
 
     def patients(self, part: str) -> list[PatientVolumes]:
