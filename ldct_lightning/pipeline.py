@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -188,7 +189,8 @@ def train_stage(cfg: DictConfig, stage: str, run_dir: Path, init_ckpt: str | Non
         init_ckpt: stage 2 only: the checkpoint whose generator weights start the training.
 
     Returns:
-        A dict with ``best_ckpt``, ``last_ckpt`` and the last logged metrics.
+        A dict with ``best_ckpt``, ``last_ckpt``, the last logged metrics, the split hash, and the cost:
+        ``fit_seconds``, ``train_batches`` and ``device``.
     """
     stage_cfg = cfg.stages[stage]
     stage_dir = run_dir / stage
@@ -217,7 +219,9 @@ def train_stage(cfg: DictConfig, stage: str, run_dir: Path, init_ckpt: str | Non
         callbacks=build_callbacks(cfg, stage_dir),
     )
     log.info("stage %s: training for %d epochs in %s", stage, stage_cfg.max_epochs, stage_dir)
+    started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    fit_seconds = time.perf_counter() - started
     # a W&B run stays open in the process: close it, or the next stage logs into this stage's run
     for logger in trainer.loggers:
         if type(logger).__name__ == "WandbLogger":
@@ -228,6 +232,10 @@ def train_stage(cfg: DictConfig, stage: str, run_dir: Path, init_ckpt: str | Non
         "last_ckpt": getattr(ckpt_cb, "last_model_path", None) or None,
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
         "split_inputs_hash": datamodule.split.inputs_hash,
+        # the training cost, for benchmarks (make bench-quality): wall time of fit (validation included)
+        "fit_seconds": round(fit_seconds, 1),
+        "train_batches": int(trainer.fit_loop.epoch_loop.batch_progress.total.completed),
+        "device": f"{trainer.strategy.root_device} x{trainer.num_devices}",
     }
 
 
