@@ -165,6 +165,30 @@ def test_score_slice_records(rng):
     assert M.score_slice(pred, method="m", patient_key="k", slice_index=0) == []
 
 
+@pytest.mark.parametrize(
+    ("air_pixel", "expected"),
+    [
+        (False, {"psnr_full", "ssim_full", "rmse_hu"}),
+        # one air pixel (partial volume): clipped at the other end of the abdomen window, inside the lung window
+        (True, {"psnr_full", "ssim_full", "rmse_hu", "psnr_lung", "ssim_lung"}),
+    ],
+)
+def test_roi_the_window_clips_entirely_has_no_windowed_metric(rng, air_pixel: bool, expected: set) -> None:
+    """Bone at 1000 HU is above the lung (tops out at 150 HU) and abdomen (240 HU) windows: white whatever the
+    method, so PSNR there would be inf; the ROI gets no metric in those windows, but keeps the others."""
+    ref, labels = phantom()
+    bone = np.zeros_like(labels, dtype=bool)
+    bone[5:12, 5:12] = True
+    ref, labels = ref.copy(), labels.copy()
+    ref[bone], labels[bone] = 1000.0, 7
+    if air_pixel:
+        ref[5, 5] = -1000.0
+    pred = ref + rng.normal(0, 15, ref.shape)
+    recs = M.score_slice(pred, method="m", patient_key="k", slice_index=0, reference_hu=ref, labels=labels)
+    assert {r["metric"] for r in recs if r["roi"] == "bone"} == expected
+    assert all(math.isfinite(r["value"]) for r in recs)
+
+
 # -------------------------------------------------------------------------------------------- rois
 
 

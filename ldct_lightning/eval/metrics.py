@@ -382,6 +382,11 @@ def score_slice(
         for name, roi in rois.items():
             mask = roi.to_mask(pred_hu.shape) if isinstance(roi, Box) else roi
             for w in windows:
+                shown = apply_window(reference_hu[mask], *WINDOWS[w])
+                if not np.any((shown > 0.0) & (shown < 1.0)):
+                    # the window clips every reference pixel of the ROI (e.g. bone in the lung window, lung in
+                    # the abdomen window): a method clipped there too scores PSNR inf, so no metric here
+                    continue
                 add(REFERENCE, name, f"psnr_{w}", windowed_psnr(pred_hu, reference_hu, w, mask))
                 add(REFERENCE, name, f"ssim_{w}", float(smaps[w][mask].mean()))
             add(REFERENCE, name, "rmse_hu", rmse_hu(pred_hu, reference_hu, mask))
