@@ -241,3 +241,20 @@ def test_bf16_mixed_precision_keeps_losses_finite() -> None:
     t = fit(make_stage2(n_critic=1), n_batches=1, precision="bf16-mixed")
     for key in ("wasserstein", "gp", "loss_critic", "loss_generator"):
         assert math.isfinite(float(t.callback_metrics[f"train/{key}"])), key
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_freeze_generator_norm_keeps_the_batch_norm_statistics(freeze: bool) -> None:
+    module = make_stage2(freeze_generator_norm=freeze)
+    norms = [m for m in module.generator.modules() if isinstance(m, nn.BatchNorm2d)]
+    before = [(m.running_mean.clone(), m.running_var.clone()) for m in norms]
+    weights = {k: v.clone() for k, v in module.generator.state_dict().items() if k.endswith("conv.weight")}
+    fit(module, n_batches=2)
+    same = [
+        torch.equal(m.running_mean, mean) and torch.equal(m.running_var, var)
+        for m, (mean, var) in zip(norms, before, strict=True)
+    ]
+    assert all(same) if freeze else not any(same)
+    # the weights train either way
+    after = module.generator.state_dict()
+    assert weights and any(not torch.equal(after[k], v) for k, v in weights.items())
