@@ -19,7 +19,7 @@ from ldct_lightning.baselines.bm3d import (
     MISSING_MESSAGE,
     bm3d_available,
     bm3d_denoise,
-    estimate_noise_sd_hu,
+    slice_noise_sd_hu,
 )
 from ldct_lightning.baselines.losses import TermLoss
 from ldct_lightning.models.cyclegan import ResNetGenerator
@@ -336,12 +336,12 @@ def test_noise_estimate_matches_skimage_on_white_noise() -> None:
     from skimage.restoration import estimate_sigma
 
     _, noisy = flat_phantom(2, 96, 25.0)
-    ours = estimate_noise_sd_hu(noisy)
+    ours = slice_noise_sd_hu(noisy)
     reference = np.array([estimate_sigma(s) for s in noisy])
     np.testing.assert_allclose(ours, 25.0, rtol=0.05)
     np.testing.assert_allclose(ours, reference, rtol=0.05)
     # air only: no soft tissue, no estimate
-    assert np.isnan(estimate_noise_sd_hu(np.full((1, 32, 32), -1000.0))).all()
+    assert np.isnan(slice_noise_sd_hu(np.full((1, 32, 32), -1000.0))).all()
 
 
 def test_bm3d_reduces_noise_on_a_flat_phantom() -> None:

@@ -41,13 +41,16 @@ def _import_bm3d() -> ModuleType:
         raise ImportError(MISSING_MESSAGE) from err
 
 
-def estimate_noise_sd_hu(
+def slice_noise_sd_hu(
     hu_slices: np.ndarray,
     window: int = 9,
     tissue_hu: tuple[float, float] = (0.0, 100.0),
     min_pixels: int = 200,
 ) -> np.ndarray:
-    """Noise SD in HU of each slice: the median local SD in soft tissue.
+    """Noise SD in HU of each slice: the median local SD in soft tissue (BM3D's per-slice sigma).
+
+    Per slice, unlike :func:`ldct_lightning.data.noise.estimate_noise_sd_hu` (one value per set of volumes,
+    from plane fits in flat blocks, for the stage-1 noise level).
 
     The local SD over ``window`` x ``window`` pixels is computed everywhere; the pixels whose local mean
     lies in ``tissue_hu`` (soft tissue, where the image is nearly flat) vote and the median wins, which
@@ -71,7 +74,7 @@ def estimate_noise_sd_hu(
     if hu.ndim == 2:
         hu = hu[None]
     if hu.ndim != 3:
-        raise ValueError(f"estimate_noise_sd_hu: expected (N, H, W) or (H, W) slices, got shape {hu.shape}")
+        raise ValueError(f"slice_noise_sd_hu: expected (N, H, W) or (H, W) slices, got shape {hu.shape}")
     n = window * window
     out = np.full(len(hu), np.nan)
     for i, image in enumerate(hu):
@@ -103,7 +106,7 @@ def bm3d_denoise(
     Args:
         hu_slices: images in HU, (N, H, W) or (H, W).
         sigma_hu: noise SD in HU given to BM3D, one value for all slices, or ``"auto"``: each slice's
-            :func:`estimate_noise_sd_hu` (slices without enough soft tissue take the median of the others).
+            :func:`slice_noise_sd_hu` (slices without enough soft tissue take the median of the others).
         hu_min: HU mapped to 0 by the normalisation.
         hu_max: HU mapped to 1 by the normalisation.
         workers: worker processes (None: one per CPU, at most one per slice; 1: in this process).
@@ -153,7 +156,7 @@ def _resolve_sigmas(hu: np.ndarray, sigma_hu: float | str) -> np.ndarray:
     if isinstance(sigma_hu, str):
         if sigma_hu != "auto":
             raise ValueError(f"sigma_hu={sigma_hu!r}: give a noise SD in HU or 'auto'")
-        sigmas = estimate_noise_sd_hu(hu)
+        sigmas = slice_noise_sd_hu(hu)
         if np.isnan(sigmas).all():
             raise ValueError(
                 "sigma_hu='auto': no slice has enough soft tissue (local mean 0-100 HU) to estimate the noise; "
