@@ -8,9 +8,14 @@ DEMO_OUT ?= outputs/demo
 # the row every other is tested against in `make ablations` (with seeds: e.g. PROPOSED=proposed_s1)
 PROPOSED ?= proposed
 PYTEST_ARGS ?=
+# the methods of make baselines and make bench-quality (model options; attention_unet = the proposed method)
+METHODS ?= attention_unet,redcnn,pix2pix,cyclegan,oracle
+# make bench-quality: the bench preset at 256x256 (same field of view and noise) so that it fits a CPU
+BENCH_DATA ?= data/bench
+BENCH_SIM_ARGS ?= --size 256
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo evaluate report baselines data-demo test test-full lint format bench train-first train-second train-two ablations clean
+.PHONY: help install demo evaluate report baselines data-demo test test-full lint format bench bench-quality train-first train-second train-two ablations clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -70,14 +75,13 @@ ablations: data-demo  ## proposed, oneStep and firstStep as one Hydra multirun, 
 	echo "+ ldct-evaluate --data $(DEMO_DATA) --sweep $$sweep --proposed $(PROPOSED) --out $${sweep}evaluation --overwrite"; \
 	ldct-evaluate --data $(DEMO_DATA) --sweep $$sweep --proposed $(PROPOSED) --out $${sweep}evaluation --overwrite
 
-baselines: data-demo  ## RED-CNN, Pix2Pix, CycleGAN as one multirun, then a table beside the demo's proposed model (and BM3D)
-	@test -f $(DEMO_RUN)/second/checkpoints/last.ckpt || { echo "make baselines compares with the demo's proposed model: run make demo first"; exit 2; }
-	@echo "+ $(PYTHON) train.py -m experiment=demo model=redcnn,pix2pix,cyclegan $(ARGS)"
-	@$(PYTHON) train.py -m experiment=demo model=redcnn,pix2pix,cyclegan $(ARGS)
+baselines: data-demo  ## the proposed model and every baseline as one multirun on the demo set, then one evaluation
+	@echo "+ $(PYTHON) train.py -m experiment=demo model=$(METHODS) $(ARGS)"
+	@$(PYTHON) train.py -m experiment=demo model=$(METHODS) $(ARGS)
 	@sweep=$$(ls -td outputs/multiruns/demo/*/ | head -n 1); \
-	bm3d=$$($(PYTHON) -c "import bm3d" 2>/dev/null && echo --bm3d); \
-	echo "+ ldct-evaluate --data $(DEMO_DATA) --sweep $$sweep --method proposed=$(DEMO_RUN)/second/checkpoints/last.ckpt $$bm3d --proposed proposed --out $${sweep}evaluation --overwrite"; \
-	ldct-evaluate --data $(DEMO_DATA) --sweep $$sweep --method proposed=$(DEMO_RUN)/second/checkpoints/last.ckpt $$bm3d --proposed proposed --out $${sweep}evaluation --overwrite
+	bm3d=$$($(PYTHON) -c "import bm3d" 2>/dev/null && echo --bm3d || echo "# bm3d not installed (pip install -e .[bm3d]): no BM3D row" >&2); \
+	echo "+ ldct-evaluate --data $(DEMO_DATA) --sweep $$sweep $$bm3d --proposed proposed --out $${sweep}evaluation --overwrite"; \
+	ldct-evaluate --data $(DEMO_DATA) --sweep $$sweep $$bm3d --proposed proposed --out $${sweep}evaluation --overwrite
 
 test: install  ## run the fast test suite (what CI runs)
 	@echo "+ $(PYTHON) -m pytest -m 'not slow and not gpu' $(PYTEST_ARGS)"
@@ -98,6 +102,16 @@ format: install  ## ruff format and autofix
 bench: install  ## speed benchmarks, written to bench/results.json
 	@echo "+ $(PYTHON) -m ldct_lightning.bench --out bench/results.json $(ARGS)"
 	@$(PYTHON) -m ldct_lightning.bench --out bench/results.json $(ARGS)
+
+bench-quality: install  ## every method on the bench preset with the same budget -> bench/quality.json and .md
+	@if [ -f $(BENCH_DATA)/manifest.csv ]; then echo "# $(BENCH_DATA) exists (remove it to remake it)"; \
+	else echo "+ ldct-simulate $(BENCH_DATA) --preset bench $(BENCH_SIM_ARGS)"; \
+	ldct-simulate $(BENCH_DATA) --preset bench $(BENCH_SIM_ARGS) || exit $$?; fi
+	@echo "+ $(PYTHON) train.py -m experiment=bench_quality data.root=$(BENCH_DATA) model=$(METHODS) $(ARGS)"
+	@$(PYTHON) train.py -m experiment=bench_quality data.root=$(BENCH_DATA) model=$(METHODS) $(ARGS)
+	@sweep=$$(ls -td outputs/multiruns/bench_quality/*/ | head -n 1); \
+	echo "+ $(PYTHON) -m ldct_lightning.bench_quality --data $(BENCH_DATA) --sweep $$sweep --out bench/quality.json"; \
+	$(PYTHON) -m ldct_lightning.bench_quality --data $(BENCH_DATA) --sweep $$sweep --out bench/quality.json
 
 clean:  ## remove generated data, outputs, caches
 	@echo "+ rm -rf data outputs logs wandb .pytest_cache .ruff_cache .install.stamp"

@@ -143,7 +143,12 @@ def parse_methods(specs: Sequence[str]) -> dict[str, Path]:
 
 
 def sweep_methods(sweep: Path) -> dict[str, Path]:
-    """Methods of a multirun folder: ``<n>_<ablation>_s<seed>/summary.yaml`` of each finished job."""
+    """Methods of a multirun folder: ``<n>_<ablation>_s<seed>/summary.yaml`` of each finished job.
+
+    A job trains its row's checkpoint: stage 2's last when it trained stage 2, else stage 1's best. A job named
+    ``proposed`` that trained both stages also gives the ``firstStep`` row (its stage-1 best checkpoint) unless
+    the sweep has its own ``firstStep`` job.
+    """
     import yaml
 
     jobs = sorted(p for p in sweep.glob("*/summary.yaml"))
@@ -151,21 +156,23 @@ def sweep_methods(sweep: Path) -> dict[str, Path]:
         raise EvaluateCLIError(
             f"--sweep {sweep}: no finished job (no */summary.yaml). Run the multirun first"
         )
-    rows = []
+    rows = []  # (name, seed, checkpoint, derived)
     for summary_file in jobs:
         summary = yaml.safe_load(summary_file.read_text()) or {}
         config = yaml.safe_load((summary_file.parent / "run_info.yaml").read_text())["config"]
-        stage = summary.get("second") or summary.get("first") or {}
-        ckpt = (
-            stage.get("last_ckpt")
-            if "second" in summary
-            else stage.get("best_ckpt") or stage.get("last_ckpt")
-        )
+        first, second = summary.get("first") or {}, summary.get("second") or {}
+        first_ckpt = first.get("best_ckpt") or first.get("last_ckpt")
+        ckpt = second.get("last_ckpt") if "second" in summary else first_ckpt
         if not ckpt:
             raise EvaluateCLIError(f"{summary_file}: the job saved no checkpoint (was it a debug run?)")
-        rows.append((config["ablation"]["name"], config["seed"], Path(ckpt)))
-    several_seeds = len({seed for _, seed, _ in rows}) > 1
-    return {f"{name}_s{seed}" if several_seeds else name: ckpt for name, seed, ckpt in rows}
+        name, seed = config["ablation"]["name"], config["seed"]
+        rows.append((name, seed, Path(ckpt), False))
+        if name == "proposed" and "second" in summary and first_ckpt:
+            rows.append(("firstStep", seed, Path(first_ckpt), True))
+    jobs_run = {(name, seed) for name, seed, _, derived in rows if not derived}
+    rows = [row for row in rows if not (row[3] and row[:2] in jobs_run)]
+    several_seeds = len({row[1] for row in rows}) > 1
+    return {f"{name}_s{seed}" if several_seeds else name: ckpt for name, seed, ckpt, _ in rows}
 
 
 def _split_params(args: argparse.Namespace) -> dict[str, object]:

@@ -1,0 +1,164 @@
+"""make bench-quality's collector: every method of a multirun in one quality table, numbers from the evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from omegaconf import open_dict
+from skimage.metrics import peak_signal_noise_ratio
+from test_baselines_config import TINY_NETS
+from test_pipeline import tiny_cfg
+
+from ldct_lightning import bench_quality
+from ldct_lightning.data.datamodule import LDCTDataModule
+from ldct_lightning.pipeline import run
+
+SUMMARY_CSV = """method,protocol,roi,metric,mean,sd,n_patients
+LDCT,reference,slice,psnr_abdomen,27.5,0.25,2
+LDCT,reference,slice,ssim_abdomen,0.8,0.01,2
+LDCT,reference,slice,rmse_hu,22.0,1.0,2
+LDCT,reference,liver,psnr_abdomen,20.0,1.0,2
+LDCT,paper,slice,psnr_abdomen,99.0,1.0,2
+net,reference,slice,psnr_abdomen,31.0,0.5,2
+net,reference,slice,ssim_abdomen,0.9,0.02,2
+net,reference,slice,rmse_hu,15.5,,2
+"""
+
+
+def test_quality_rows_pick_the_whole_slice_reference_metrics(tmp_path: Path) -> None:
+    path = tmp_path / "summary.csv"
+    path.write_text(SUMMARY_CSV)
+    rows = bench_quality.quality_rows(path, ["LDCT", "net"])
+    assert rows[0] == {
+        "method": "LDCT",
+        "psnr_abdomen_db_mean": 27.5,
+        "psnr_abdomen_db_sd": 0.25,
+        "ssim_abdomen_mean": 0.8,
+        "ssim_abdomen_sd": 0.01,
+        "rmse_hu_mean": 22.0,
+        "rmse_hu_sd": 1.0,
+        "n_patients": 2,
+    }
+    assert rows[1]["rmse_hu_sd"] is None
+    table = bench_quality.markdown_table(rows, {"LDCT": "none"})
+    assert "| LDCT | 27.50 ± 0.25 | 0.800 ± 0.010 | 22.0 ± 1.0 | none |" in table
+    assert "| net | 31.00 ± 0.50 | 0.900 ± 0.020 | 15.5 | - |" in table
+    with pytest.raises(ValueError, match="absent"):
+        bench_quality.quality_rows(path, ["LDCT", "absent"])
+
+
+MODELS = {
+    "proposed": "attention_unet",
+    "redcnn": "redcnn",
+    "pix2pix": "pix2pix",
+    "cyclegan": "cyclegan",
+    "oracle": "oracle",
+}
+
+
+def _tiny_sweep(data: Path, sweep: Path) -> None:
+    """A multirun-like folder: one tiny job per method (the proposed one trains both stages)."""
+    for i, (name, model) in enumerate(MODELS.items()):
+        cfg = tiny_cfg(data, sweep / f"{i}_{name}_s0", [f"model={model}", "trainer.num_sanity_val_steps=0"])
+        with open_dict(cfg):
+            for stage in cfg.run_stages:
+                cfg.stages[stage].max_epochs = 1
+                for net in cfg.stages[stage].nets:
+                    if net.startswith("discriminator"):
+                        cfg.model[net].base_channels = 8
+            if model in TINY_NETS:
+                for key in ("base_channels", "depth"):  # experiment=tiny's keys fit only the proposed U-Net
+                    cfg.model.generator.pop(key, None)
+                cfg.model.generator.update(TINY_NETS[model])
+        run(cfg)
+
+
+def test_every_method_of_a_sweep_is_in_the_quality_table(tiny_dataset: Path, tmp_path: Path) -> None:
+    sweep, out = tmp_path / "sweep", tmp_path / "bench" / "quality.json"
+    _tiny_sweep(tiny_dataset, sweep)
+    code = bench_quality.main(["--data", str(tiny_dataset), "--sweep", str(sweep), "--out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    names = [row["method"] for row in result["methods"]]
+    expected = ["LDCT", "proposed", "redcnn", "pix2pix", "cyclegan", "oracle", "firstStep"]
+    assert sorted(n for n in names if n != "BM3D") == sorted(expected)
+    for row in result["methods"]:
+        assert np.isfinite([row["psnr_abdomen_db_mean"], row["ssim_abdomen_mean"], row["rmse_hu_mean"]]).all()
+    proposed = next(j for j in result["jobs"] if j["name"] == "proposed")
+    assert set(proposed["stages"]) == {"first", "second"}
+    assert (
+        proposed["stages"]["first"]["train_batches"] >= 1 and proposed["stages"]["first"]["fit_seconds"] > 0
+    )
+    markdown = out.with_suffix(".md").read_text()
+    for name in names:
+        assert f"| {name} |" in markdown
+    report = (tmp_path / "sweep" / "evaluation" / "report.md").read_text()
+    assert all(name in report for name in names)
+
+    # the LDCT row by hand: PSNR of each test slice in the abdomen window (skimage), mean per patient, then
+    # over patients
+    split = yaml.safe_load((tiny_dataset / "split.yaml").read_text())
+    params = split["params"]
+    dm = LDCTDataModule(
+        tiny_dataset,
+        split_file=tiny_dataset / "split.yaml",
+        n_val=params["n_val"],
+        n_test=params["n_test"],
+        split_seed=params["seed"],
+        num_workers=0,
+    )
+    dm.setup("test")
+
+    def window(hu: np.ndarray) -> np.ndarray:
+        return np.clip((hu - (40.0 - 200.0)) / 400.0, 0.0, 1.0)
+
+    per_patient = []
+    for patient in dm.patients("test"):
+        ldct, ref = np.asarray(patient.ldct, np.float64), np.asarray(patient.reference, np.float64)
+        per_patient.append(
+            np.mean(
+                [
+                    peak_signal_noise_ratio(window(r), window(x), data_range=1.0)
+                    for r, x in zip(ref, ldct, strict=True)
+                ]
+            )
+        )
+    assert len(per_patient) == len(split["test"]) == result["data"]["n_test_patients"]
+    ldct_row = result["methods"][names.index("LDCT")]
+    assert ldct_row["psnr_abdomen_db_mean"] == pytest.approx(np.mean(per_patient), rel=1e-4)
+
+
+def test_missing_sweep_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = bench_quality.main(["--data", str(tmp_path), "--sweep", str(tmp_path / "none")])
+    assert code == 2
+    assert "--sweep" in capsys.readouterr().err
+
+
+def _job(sweep: Path, folder: str, name: str, stages: list[str], seed: int = 42) -> None:
+    job = sweep / folder
+    job.mkdir(parents=True)
+    summary = {s: {"best_ckpt": f"{job}/{s}/best.ckpt", "last_ckpt": f"{job}/{s}/last.ckpt"} for s in stages}
+    (job / "summary.yaml").write_text(yaml.safe_dump(summary))
+    (job / "run_info.yaml").write_text(yaml.safe_dump({"config": {"ablation": {"name": name}, "seed": seed}}))
+
+
+def test_sweep_rows_add_first_step_from_a_two_stage_proposed_job(tmp_path: Path) -> None:
+    from ldct_lightning.cli.evaluate import sweep_methods
+
+    _job(tmp_path / "a", "0_proposed_s42", "proposed", ["first", "second"])
+    _job(tmp_path / "a", "1_redcnn_s42", "redcnn", ["first"])
+    rows = {name: str(path) for name, path in sweep_methods(tmp_path / "a").items()}
+    assert list(rows) == ["proposed", "firstStep", "redcnn"]  # firstStep right after its job
+    assert rows == {
+        "proposed": f"{tmp_path}/a/0_proposed_s42/second/last.ckpt",
+        "firstStep": f"{tmp_path}/a/0_proposed_s42/first/best.ckpt",
+        "redcnn": f"{tmp_path}/a/1_redcnn_s42/first/best.ckpt",
+    }
+    # a sweep with its own firstStep job (make ablations) keeps that job's row
+    _job(tmp_path / "b", "0_proposed_s42", "proposed", ["first", "second"])
+    _job(tmp_path / "b", "2_firstStep_s42", "firstStep", ["first"])
+    assert str(sweep_methods(tmp_path / "b")["firstStep"]) == f"{tmp_path}/b/2_firstStep_s42/first/best.ckpt"
