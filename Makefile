@@ -1,6 +1,13 @@
 # ldct-lightning: every target prints the command it runs.
 SHELL := /bin/bash
-PYTHON ?= python3
+# Every target runs its tools from one project virtual environment: `.venv` in the checkout, unless a virtual
+# environment is already active (VIRTUAL_ENV). So a package installed by hand elsewhere can never hide a missing
+# dependency, and CI (a clean clone) always tests a fresh `.venv`.
+BASE_PYTHON ?= python3
+VENV ?= $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
+PYTHON := $(VENV)/bin/python
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
 ARGS ?=
 DEMO_DATA ?= data/demo
 DEMO_RUN ?= outputs/demo-run
@@ -20,16 +27,21 @@ BENCH_SIM_ARGS ?= --size 256
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
 
-install: .install.stamp  ## install torch (CPU build when no CUDA GPU) and the project with dev extras
+install: $(VENV)/.install.stamp  ## create the project venv, install torch (CPU build when no CUDA GPU) and the project with dev extras
 
-.install.stamp: pyproject.toml
+$(VENV)/bin/python:
+	@echo "+ $(BASE_PYTHON) -m venv $(VENV)"
+	@$(BASE_PYTHON) -m venv $(VENV)
+
+# re-runs only when pyproject.toml changes: a second `make test` reuses the environment
+$(VENV)/.install.stamp: pyproject.toml | $(VENV)/bin/python
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
-		echo "# torch already installed: $$($(PYTHON) -c 'import torch; print(torch.__version__)')"; \
+		echo "# torch already installed in $(VENV): $$($(PYTHON) -c 'import torch; print(torch.__version__)')"; \
 	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 		echo "# CUDA GPU found: torch comes with the project's requirements"; \
 	else \
 		echo "+ $(PYTHON) -m pip install torch==2.13.0   # CPU build (no CUDA GPU here)"; \
-		$(PYTHON) -m pip install torch==2.13.0; \
+		$(PYTHON) -m pip install torch==2.13.0 || exit $$?; \
 	fi
 	@echo "+ $(PYTHON) -m pip install -e .[dev]"
 	@$(PYTHON) -m pip install -e ".[dev]"
@@ -114,5 +126,5 @@ bench-quality: install  ## every method on the bench preset with the same budget
 	$(PYTHON) -m ldct_lightning.bench_quality --data $(BENCH_DATA) --sweep $$sweep --out bench/quality.json
 
 clean:  ## remove generated data, outputs, caches
-	@echo "+ rm -rf data outputs logs wandb .pytest_cache .ruff_cache .install.stamp"
-	@rm -rf data outputs logs wandb .pytest_cache .ruff_cache .install.stamp
+	@echo "+ rm -rf data outputs logs wandb .pytest_cache .ruff_cache $(VENV)/.install.stamp"
+	@rm -rf data outputs logs wandb .pytest_cache .ruff_cache $(VENV)/.install.stamp
