@@ -304,6 +304,23 @@ def _user_error(exc: BaseException) -> BaseException | None:
     return None
 
 
+def log_lightning_once() -> None:
+    """Print each Lightning log line once.
+
+    ``import lightning`` gives its ``lightning`` logger a console handler of its own and lets it propagate to the
+    root logger, which Hydra has configured (console and the run's log file): every INFO line was printed twice.
+    Lightning's own console handler goes when the root logger has handlers; Hydra's keeps the line.
+    """
+    if not logging.getLogger().hasHandlers():
+        return
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:  # FileHandler subclasses it: keep those
+                logger.removeHandler(handler)
+        logger.propagate = True
+
+
 def _fail(message: str, code: int) -> None:
     print(f"train.py: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
@@ -318,6 +335,7 @@ def main(cfg: DictConfig) -> None:
     # Exit codes: 0 done, 1 non-finite loss or Ctrl-C during fit (Lightning's status), 2 bad input or config,
     # 130 Ctrl-C outside fit, 143 SIGTERM. Bad input gets one line naming the file or key instead of a traceback
     # (HYDRA_FULL_ERROR=1 shows the traceback).
+    log_lightning_once()
     try:
         run(cfg)
     except SIGTERMException:  # a SystemExit with status 0; InterruptCheckpoint printed how to resume

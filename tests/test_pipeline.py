@@ -259,3 +259,21 @@ def test_stage2_alone_without_any_stage1_run_fails_clearly(tiny_dataset: Path, t
     cfg = tiny_cfg(tiny_dataset, tmp_path / "logs" / "runs" / "tiny" / "b", ["run_stages=[second]"])
     with pytest.raises(ValueError, match="no stage-1 checkpoint of experiment 'tiny'"):
         run(cfg)
+
+
+def test_train_py_prints_each_lightning_log_line_once(tiny_dataset: Path, tmp_path: Path) -> None:
+    # Lightning's own console handler and Hydra's root handler both printed every INFO line (once with a
+    # timestamp): a fit creates one Trainer, so its "GPU available" line must appear exactly once
+    proc = _train_py(
+        [
+            "experiment=tiny",
+            f"data.root={tiny_dataset}",
+            f"paths.log_dir={tmp_path}",
+            "ablation=firstStep",
+            "stages.first.max_epochs=1",
+        ],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "GPU available:" in line]
+    assert len(lines) == 1, lines
