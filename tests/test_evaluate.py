@@ -216,6 +216,7 @@ def test_wandb_table_logged_when_a_run_is_active(evaluated, tmp_path: Path, monk
         report = write_report(result.out_dir)  # re-render from the folder
     finally:
         run.finish()
+        wandb.teardown()  # the process-wide wandb state keeps this run's settings; later runs need their own
     assert report.wandb_logged
     # what the offline run wrote, read back from its files
     (table_file,) = files.glob("media/table/eval/paper_table3_*.table.json")
@@ -253,9 +254,8 @@ def test_registration_and_single_protocol(dataset: Path, tmp_path: Path) -> None
 
 def _checkpoint(lightning_run, run: str, seed: int) -> Path:
     """A real Lightning checkpoint of a tiny stage-1 fit saved like a training run (with run_info.yaml)."""
-    return lightning_run(
-        run, seed=seed, info={"ablation": {"name": "firstStep"}}, base_channels=8, depth=2
-    ).checkpoint
+    # the generator of test_denoise's checkpoints, so the session fits it once
+    return lightning_run(run, seed=seed, info={"ablation": {"name": "firstStep"}}, base_channels=8).checkpoint
 
 
 def _error_line(capsys) -> str:
@@ -267,7 +267,7 @@ def _error_line(capsys) -> str:
 
 
 def test_cli_end_to_end_with_checkpoints(dataset: Path, tmp_path: Path, capsys, lightning_run) -> None:
-    a, b = _checkpoint(lightning_run, "runA", 0), _checkpoint(lightning_run, "runB", 1)
+    a, b = _checkpoint(lightning_run, "runA", 0), _checkpoint(lightning_run, "runB", 4)
     out = tmp_path / "report"
     argv = [
         "--data", str(dataset), "--method", f"proposed={a}", "--method", f"firstStep={b}",
