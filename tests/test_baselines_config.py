@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from omegaconf import open_dict
 from test_config import compose_cfg
 from test_pipeline import tiny_cfg
 
+from ldct_lightning.inference import Denoiser
 from ldct_lightning.pipeline import check_config, run
 
 BASELINES = {
@@ -73,7 +77,22 @@ def test_tiny_fit_of_baseline_writes_last_checkpoint(model: str, tiny_dataset: P
         cfg.model.generator.update(TINY_NETS[model])
     summary = run(cfg)
     assert list(summary) == [stage]
-    assert Path(summary[stage]["last_ckpt"]).is_file()
+    last = Path(summary[stage]["last_ckpt"])
+    assert last.is_file()
+    assert summary[stage]["train_batches"] == 8 // 4  # experiment=tiny: samples_per_epoch / batch_size
+    assert math.isfinite(summary[stage]["metrics"]["val/psnr_abdomen"])
+    # the checkpoint holds every network of the stage, under the names the stage gives them
+    state = torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
+    for net in cfg.stages[stage].nets:
+        assert any(k.startswith(f"{net}.") for k in state), net
+    # ldct-denoise / ldct-evaluate rebuild the baseline's own generator from run_info.yaml and load it strictly
+    denoiser = Denoiser.from_checkpoint(last)
+    assert type(denoiser.generator).__name__ == BASELINES[model][2]
+    for k, v in denoiser.generator.state_dict().items():
+        assert torch.equal(v, state[f"generator.{k}"]), k
+    hu = np.random.default_rng(0).uniform(-200, 200, (1, 32, 32)).astype(np.float32)
+    out = denoiser.denoise(hu)
+    assert out.shape == hu.shape and np.isfinite(out).all()
 
 
 @pytest.mark.parametrize("model", sorted(BASELINES))

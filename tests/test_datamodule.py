@@ -295,11 +295,25 @@ def test_data_dependent_errors_at_setup(dataset: Path, tmp_path: Path, kwargs: d
 
 
 def test_projection_noise_mode(dataset: Path, tmp_path: Path) -> None:
-    dm = make_dm(
-        dataset, tmp_path, crop_size=16, noise={"kind": "projection", "sigma_hu": 20.0, "n_views": 16}
-    )
-    dm.setup("fit")
-    assert dm.noise_info["photons_per_ray"] > 0
-    batch = first_batch(dm.train_dataloader())
-    noise_hu = (batch["input"] - batch["target"]) * (HU_MAX - HU_MIN)
-    assert 5 < float(noise_hu.std()) < 60
+    photons, sd = {}, {}
+    for sigma in (20.0, 40.0):
+        dm = make_dm(
+            dataset,
+            tmp_path / str(sigma),
+            crop_size=16,
+            noise={"kind": "projection", "sigma_hu": sigma, "n_views": 16},
+        )
+        dm.setup("fit")
+        photons[sigma] = dm.noise_info["photons_per_ray"]
+        batch = first_batch(dm.train_dataloader())
+        target_hu = batch["target"] * (HU_MAX - HU_MIN) + HU_MIN
+        noise_hu = (batch["input"] - batch["target"]) * (HU_MAX - HU_MIN)
+        soft = (target_hu > -100) & (target_hu < 200)  # where the calibration measures (the 40 HU disc)
+        assert soft.sum() > 500
+        sd[sigma] = float(noise_hu[soft].std())
+        # the calibrated SD in soft tissue (the sample SD of ~800 correlated pixels varies by a few %)
+        assert sd[sigma] == pytest.approx(sigma, rel=0.15)
+        assert abs(float(noise_hu[soft].mean())) < 0.15 * sigma
+    # quantum noise: twice the SD needs a quarter of the photons
+    assert photons[20.0] / photons[40.0] == pytest.approx(4.0, rel=0.15)
+    assert sd[40.0] / sd[20.0] == pytest.approx(2.0, rel=0.15)

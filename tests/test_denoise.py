@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 import torch
-import yaml
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 from ldct_lightning.cli import denoise as cli
@@ -33,31 +33,17 @@ def _generator(identity: bool = False, seed: int = 0) -> AttentionResUNet:
     return AttentionResUNet(**TINY, zero_init_output=identity).eval()
 
 
-def _save_checkpoint(generator: torch.nn.Module, path: Path) -> Path:
-    """A checkpoint as Lightning writes it, reduced to what inference reads."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": {"generator." + k: v for k, v in generator.state_dict().items()}}, path)
-    return path
-
-
 @pytest.fixture
-def run_checkpoint(tmp_path):
-    """Factory: a checkpoint inside a run folder whose run_info.yaml names the tiny generator."""
+def run_checkpoint(lightning_run):
+    """Factory: a real Lightning checkpoint (tiny stage-1 fit) inside a run folder whose run_info.yaml names
+    the tiny generator; ``run_checkpoint.generators[path]`` is the trained generator the file holds."""
 
     def _make(identity: bool = False, seed: int = 0) -> Path:
-        run = tmp_path / f"runs/run-{int(identity)}-{seed}"
-        ckpt = _save_checkpoint(_generator(identity, seed), run / "first/checkpoints/last.ckpt")
-        info = {
-            "git_commit": "unknown",
-            "config": {
-                "model": {
-                    "generator": {"_target_": "ldct_lightning.models.generator.AttentionResUNet", **TINY}
-                }
-            },
-        }
-        (run / "run_info.yaml").write_text(yaml.safe_dump(info))
-        return ckpt
+        trained = lightning_run(f"runs/run-{int(identity)}-{seed}", seed=seed, identity=identity, **TINY)
+        _make.generators[trained.checkpoint] = trained.generator
+        return trained.checkpoint
 
+    _make.generators = {}
     return _make
 
 
@@ -150,7 +136,7 @@ def test_from_checkpoint_reads_run_info_and_checks_targets(run_checkpoint, tmp_p
     assert run_info_path(ckpt) == ckpt.parents[2] / "run_info.yaml"
     denoiser = Denoiser.from_checkpoint(ckpt)
     assert denoiser.generator_source == str(run_info_path(ckpt).resolve())
-    reference = _generator()
+    reference = run_checkpoint.generators[ckpt]  # the trained weights, not the initialisation
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(denoiser.generator.state_dict()[key], value)
     assert not denoiser.generator.training
@@ -158,7 +144,8 @@ def test_from_checkpoint_reads_run_info_and_checks_targets(run_checkpoint, tmp_p
     assert explicit.generator_source == "generator_kwargs"
     with pytest.raises(InferenceError, match="not a class of ldct_lightning"):
         Denoiser.from_checkpoint(ckpt, generator_kwargs={"_target_": "os.system", "command": "true"})
-    bare = _save_checkpoint(_generator(), tmp_path / "bare.ckpt")  # no run folder: default generator
+    bare = tmp_path / "bare.ckpt"  # no run folder: default generator
+    bare.write_bytes(ckpt.read_bytes())
     with pytest.raises(ValueError, match="shape mismatch"):
         Denoiser.from_checkpoint(bare)
 
@@ -279,7 +266,7 @@ def test_padding_pixels_stay_padding(write_series, run_checkpoint, tmp_path, cap
     ds = pydicom.dcmread(src.paths[0])
     ds.add_new("PixelPaddingValue", "SS", -2000)
     ds.save_as(src.paths[0])
-    rc, _, err = _run_cli([tmp_path / "in", tmp_path / "out", "-c", run_checkpoint(seed=5)], capsys)
+    rc, _, err = _run_cli([tmp_path / "in", tmp_path / "out", "-c", run_checkpoint(seed=4)], capsys)
     assert rc == 0, err
     written = read_series_hu(scan_dicom_folder(tmp_path / "out")[0])
     assert (written[0, :4] == -2000).all() and (written[0, 4:] > -1100).all()
@@ -366,16 +353,22 @@ def test_bad_input_gives_one_line_and_exit_code_2(
     setup, message, write_series, run_checkpoint, tmp_path, capsys
 ):
     ckpt = run_checkpoint()
-    out = setup(tmp_path, write_series) or ["out"]
+    secret_series = functools.partial(write_series, patient_id=SECRET_ID, patient_name=SECRET_NAME)
+    out = setup(tmp_path, secret_series) or ["out"]
+    # positive control: the input files carry the identifiers whose absence from the output is checked
+    inputs = [f for f in (tmp_path / "in").rglob("*") if f.is_file()]
+    assert setup is _empty_input or any(SECRET_ID.encode() in f.read_bytes() for f in inputs)
+    assert setup is _empty_input or any(b"Secretname" in f.read_bytes() for f in inputs)
     rc, stdout, err = _run_cli([tmp_path / "in", tmp_path / out[0], "-c", ckpt], capsys)
     assert rc == 2
     assert "Traceback" not in err + stdout
     errors = [line for line in err.splitlines() if line.startswith("ldct-denoise: error:")]
     assert len(errors) == 1 and message in errors[0], err
-    assert SECRET_ID not in err
+    for secret in (SECRET_ID, "Secretname"):
+        assert secret not in err + stdout
 
 
-def test_bad_checkpoint_and_device_give_exit_code_2(write_series, tmp_path, capsys):
+def test_bad_checkpoint_and_device_give_exit_code_2(write_series, run_checkpoint, tmp_path, capsys):
     write_series("in", n_slices=1, shape=SHAPE)
     rc, _, err = _run_cli([tmp_path / "in", tmp_path / "out", "-c", tmp_path / "missing.ckpt"], capsys)
     assert rc == 2 and "no such checkpoint" in err and "Traceback" not in err
@@ -384,6 +377,6 @@ def test_bad_checkpoint_and_device_give_exit_code_2(write_series, tmp_path, caps
     rc, _, err = _run_cli([tmp_path / "in", tmp_path / "out", "-c", bad], capsys)
     assert rc == 2 and str(bad) in err and len(err.strip().splitlines()) == 1
     if not torch.cuda.is_available():
-        ckpt = _save_checkpoint(AttentionResUNet(), tmp_path / "default.ckpt")
+        ckpt = run_checkpoint()
         rc, _, err = _run_cli([tmp_path / "in", tmp_path / "out", "-c", ckpt, "--device", "cuda"], capsys)
         assert rc == 2 and "no CUDA device" in err

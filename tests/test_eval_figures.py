@@ -45,13 +45,48 @@ def test_comparison_panel_draws_red_boxes(tmp_path, images):
     assert not ((rgb[..., 0] > 200) & (rgb[..., 1] < 60) & (rgb[..., 2] < 60)).any()
 
 
-def test_histograms_and_difference_maps(tmp_path, images):
+@pytest.fixture
+def drawn(monkeypatch) -> list:
+    """The figures the module saves (its files are still written)."""
+    figs = []
+    real_save = figures.save_figure
+
+    def keep(fig, out_path, *args, **kwargs):
+        figs.append(fig)
+        return real_save(fig, out_path, *args, **kwargs)
+
+    monkeypatch.setattr(figures, "save_figure", keep)
+    return figs
+
+
+def test_histograms_and_difference_maps(tmp_path, images, drawn):
     liver = np.zeros((40, 40), dtype=bool)
     liver[22:34, 22:34] = True
-    paths = figures.hu_histograms(images, {"liver": liver, "heart": Box(10, 10, 20, 20)}, tmp_path / "fig5")
-    assert all(p.exists() for p in paths)
+    heart = Box(10, 5, 20, 30)  # rows 10-19, columns 5-29: a transposed box would select other pixels
+    paths = figures.hu_histograms(images, {"liver": liver, "heart": heart}, tmp_path / "fig5")
+    assert [p.suffix for p in paths] == [".png", ".pdf"] and all(p.stat().st_size > 0 for p in paths)
+    axes = drawn[-1].axes
+    assert [ax.get_title() for ax in axes] == ["liver", "heart"]
+    for ax, pixels in zip(axes, (liver, (slice(10, 20), slice(5, 30))), strict=True):
+        values = {name: img[pixels].ravel() for name, img in images.items()}
+        lo, hi = np.percentile(np.concatenate(list(values.values())), [0.5, 99.5])
+        assert ax.get_xlim() == pytest.approx((lo, hi))
+        curves = {line.get_label(): line for line in ax.get_lines()}
+        assert list(curves) == list(images)
+        for name, line in curves.items():  # each curve is the KDE of that image's ROI pixels
+            x, y = line.get_data()
+            assert y == pytest.approx(stats.gaussian_kde(values[name])(x), rel=1e-9), name
+        assert curves["NDCT"].get_color() == "black" and curves["NDCT"].get_linewidth() > 2
+        assert len(ax.patches) == len(images)  # one histogram per image
     ref = images["NDCT"]
-    paths = figures.difference_maps({k: v for k, v in images.items() if k != "NDCT"}, ref, tmp_path / "diff")
+    methods = {k: v for k, v in images.items() if k != "NDCT"}
+    paths = figures.difference_maps(methods, ref, tmp_path / "diff", limit_hu=80.0)
     assert all(p.exists() for p in paths)
+    maps = [ax for ax in drawn[-1].axes if ax.get_images()]
+    assert [ax.get_title() for ax in maps] == ["LDCT - reference", "proposed - reference"]
+    for ax, img in zip(maps, methods.values(), strict=True):
+        (shown,) = ax.get_images()
+        np.testing.assert_allclose(np.asarray(shown.get_array()), img - ref)  # image minus reference, in HU
+        assert shown.get_clim() == (-80.0, 80.0) and shown.get_cmap().name == "RdBu_r"
     with pytest.raises(ValueError, match="shape"):
         figures.difference_maps({"x": np.zeros((3, 3))}, ref, tmp_path / "bad")

@@ -130,6 +130,10 @@ def test_lesion_cnr_by_hand(rng):
     assert math.isnan(M.lesion_cnr(img, lesion, np.zeros_like(liver)))
 
 
+def _window(hu: np.ndarray, center: float, width: float) -> np.ndarray:
+    return np.clip((hu - (center - width / 2)) / width, 0.0, 1.0)
+
+
 def test_score_slice_records(rng):
     ref, labels = phantom()
     pred = ref + rng.normal(0, 15, ref.shape)
@@ -151,16 +155,40 @@ def test_score_slice_records(rng):
     paper = {(r["roi"], r["metric"]): r["value"] for r in recs if r["protocol"] == "paper"}
     # liver from its box, heart from the label bounding box; spleen/muscle absent from the slice
     assert {roi for roi, _ in paper} == {"liver", "heart"}
-    assert paper[("liver", "rmse")] == pytest.approx(M.paper_metrics(pred, ref, boxes["liver"])["rmse"])
+    # paper protocol by hand: HU clipped to [-1024, 3071] scaled to [0, 1], cropped, MAX = the NDCT crop's max
+    unit = lambda hu: (np.clip(hu, -1024, 3071) + 1024) / 4095  # noqa: E731
+    for roi, (ys, xs) in {
+        "liver": (slice(20, 40), slice(18, 38)),
+        "heart": (slice(2, 14), slice(4, 20)),
+    }.items():
+        p, r = unit(pred)[ys, xs], unit(ref)[ys, xs]
+        mse = np.mean((p - r) ** 2)
+        assert paper[(roi, "rmse")] == pytest.approx(np.sqrt(mse), rel=1e-12), roi
+        assert paper[(roi, "psnr")] == pytest.approx(10 * math.log10(r.max() ** 2 / mse), rel=1e-12), roi
+        assert paper[(roi, "psnr_max1")] == pytest.approx(-10 * math.log10(mse), rel=1e-12), roi
     ref_recs = {(r["roi"], r["metric"]): r["value"] for r in recs if r["protocol"] == "reference"}
-    assert ref_recs[("slice", "rmse_hu")] == pytest.approx(M.rmse_hu(pred, ref))
-    assert ref_recs[("liver", "psnr_abdomen")] == pytest.approx(
-        M.windowed_psnr(pred, ref, "abdomen", labels == 2)
+    assert ref_recs[("slice", "rmse_hu")] == pytest.approx(np.sqrt(np.mean((pred - ref) ** 2)), rel=1e-12)
+    liver, heart = labels == 2, labels == 1
+    mse = np.mean((_window(pred, 40, 400) - _window(ref, 40, 400))[liver] ** 2)
+    assert ref_recs[("liver", "psnr_abdomen")] == pytest.approx(-10 * math.log10(mse), rel=1e-12)
+    # windowed SSIM against skimage: the map's mean over the ROI, and skimage's own mean for the slice
+    ssim_args = dict(data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+    lung_ref, lung_pred = _window(ref, -600, 1500), _window(pred, -600, 1500)
+    mean_ssim, smap = structural_similarity(lung_ref, lung_pred, full=True, **ssim_args)
+    assert ref_recs[("heart", "ssim_lung")] == pytest.approx(smap[heart].mean(), rel=1e-12)
+    assert ref_recs[("slice", "ssim_lung")] == pytest.approx(mean_ssim, rel=1e-12)
+    abdomen = structural_similarity(_window(ref, 40, 400), _window(pred, 40, 400), **ssim_args)
+    assert ref_recs[("slice", "ssim_abdomen")] == pytest.approx(abdomen, rel=1e-12)
+    # noise SDs in the liver eroded by 2 px; lesion CNR against a liver ring (as in the hand tests above)
+    region = ndimage.binary_erosion(liver, iterations=2)
+    assert ref_recs[("liver", "noise_sd_diff_hu")] == pytest.approx(np.std((pred - ref)[region], ddof=1))
+    assert ref_recs[("liver", "sd_hu")] == pytest.approx(np.std(pred[region], ddof=1))
+    lesion = labels == 9
+    ring = (
+        ndimage.binary_dilation(lesion, iterations=6) & ~ndimage.binary_dilation(lesion, iterations=1) & liver
     )
-    smap = M.windowed_ssim_map(pred, ref, "lung")
-    assert ref_recs[("heart", "ssim_lung")] == pytest.approx(smap[labels == 1].mean())
-    assert {"noise_sd_diff_hu", "sd_hu"} <= {m for roi, m in ref_recs if roi == "liver"}
-    assert ("lesion", "cnr") in ref_recs
+    cnr = abs(pred[lesion].mean() - pred[ring].mean()) / np.std(pred[ring], ddof=1)
+    assert ref_recs[("lesion", "cnr")] == pytest.approx(cnr, rel=1e-12)
     # no reference, no NDCT -> nothing to score
     assert M.score_slice(pred, method="m", patient_key="k", slice_index=0) == []
 

@@ -133,7 +133,12 @@ def test_table4_order_display_names_and_errors():
     assert t.methods == ["LDCT", "prop", "oneStep", "firstStep"]
     assert [r[1] for r in t.rows()[:4]] == ["LDCT", "prop", "WGAN (oneStep)", "firstStep"]
     assert "±" in t.rows()[1][2] and "Holm-adjusted" in t.footnote
-    assert r"WGAN (oneStep)" in tables.to_latex(t) and "first" in tables.to_latex(t)
+    # every body row of the LaTeX table names its method in display order, in all three metric blocks
+    tex = tables.to_latex(t)
+    body = [line for line in tex.splitlines() if line.count(" & ") == 3 and not line.startswith("Metric")]
+    assert [line.split(" & ")[1] for line in body] == ["LDCT", "prop", "WGAN (oneStep)", "firstStep"] * 3
+    # prop's liver PSNR over patients 40..44 dB: mean 42, sample SD sqrt(2.5) = 1.58, not significant
+    assert rf" & prop & 42.00$\pm${math.sqrt(2.5):.2f} & 42.00 \\" in tex
     # a full-slice column is shown but is not part of the Mean
     pr_slice = pr + [r | {"roi": "slice", "value": r["value"] + 100} for r in pr if r["roi"] == "liver"]
     t = tables.table4(pr_slice, proposed="prop", rois=("slice", "liver"), metrics=("psnr",))

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import math
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from scipy import ndimage
 from skimage.metrics import peak_signal_noise_ratio
@@ -205,19 +204,28 @@ def test_outputs_volumes_stack_and_reload(evaluated) -> None:
     assert as_text(again.patient_records) == as_text(result.patient_records)
 
 
-def test_wandb_table_logged_when_a_run_is_active(evaluated, monkeypatch) -> None:
+def test_wandb_table_logged_when_a_run_is_active(evaluated, tmp_path: Path, monkeypatch) -> None:
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
     result, _, _ = evaluated
-    logged = {}
-    fake = types.SimpleNamespace(
-        Table=lambda columns, data: {"columns": columns, "data": data},
-        run=types.SimpleNamespace(log=lambda d: logged.update(d)),
-    )
-    monkeypatch.setitem(sys.modules, "wandb", fake)
-    report = write_report(result.out_dir)  # re-render from the folder
+    assert wandb.run is None and not write_report(result.out_dir).wandb_logged  # no run: nothing to log to
+    run = wandb.init(mode="offline", dir=tmp_path, project="ldct-lightning-tests")
+    files = Path(run.dir)
+    try:
+        report = write_report(result.out_dir)  # re-render from the folder
+    finally:
+        run.finish()
+        wandb.teardown()  # the process-wide wandb state keeps this run's settings; later runs need their own
     assert report.wandb_logged
-    table = logged["eval/paper_table3"]
+    # what the offline run wrote, read back from its files
+    (table_file,) = files.glob("media/table/eval/paper_table3_*.table.json")
+    table = json.loads(table_file.read_text())
     assert table["columns"][:2] == ["Metric", "Method"]
     assert [row[1] for row in table["data"][:3]] == ["LDCT", "identity", "smooth"]
+    with (result.out_dir / "tables" / "paper_table3.csv").open(newline="") as f:
+        written = list(csv.reader(f))
+    assert table["columns"] == written[0] and table["data"] == written[1:]
 
 
 def test_registration_and_single_protocol(dataset: Path, tmp_path: Path) -> None:
@@ -244,22 +252,10 @@ def test_registration_and_single_protocol(dataset: Path, tmp_path: Path) -> None
 # --------------------------------------------------------------------------------------------- CLI
 
 
-def _checkpoint(run: Path, seed: int) -> Path:
-    """A random-init tiny generator saved like a training run (checkpoint + run_info.yaml)."""
-    from ldct_lightning.models.generator import AttentionResUNet
-
-    gen_cfg = {"_target_": "ldct_lightning.models.generator.AttentionResUNet", "base_channels": 8, "depth": 2}
-    torch.manual_seed(seed)
-    net = AttentionResUNet(base_channels=8, depth=2)
-    path = run / "first" / "checkpoints" / "last.ckpt"
-    path.parent.mkdir(parents=True)
-    torch.save({"state_dict": {f"generator.{k}": v for k, v in net.state_dict().items()}}, path)
-    info = {
-        "git_commit": "abc",
-        "config": {"ablation": {"name": "firstStep"}, "model": {"generator": gen_cfg}},
-    }
-    (run / "run_info.yaml").write_text(yaml.safe_dump(info))
-    return path
+def _checkpoint(lightning_run, run: str, seed: int) -> Path:
+    """A real Lightning checkpoint of a tiny stage-1 fit saved like a training run (with run_info.yaml)."""
+    # the generator of test_denoise's checkpoints, so the session fits it once
+    return lightning_run(run, seed=seed, info={"ablation": {"name": "firstStep"}}, base_channels=8).checkpoint
 
 
 def _error_line(capsys) -> str:
@@ -270,8 +266,8 @@ def _error_line(capsys) -> str:
     return lines[0]
 
 
-def test_cli_end_to_end_with_checkpoints(dataset: Path, tmp_path: Path, capsys) -> None:
-    a, b = _checkpoint(tmp_path / "runA", 0), _checkpoint(tmp_path / "runB", 1)
+def test_cli_end_to_end_with_checkpoints(dataset: Path, tmp_path: Path, capsys, lightning_run) -> None:
+    a, b = _checkpoint(lightning_run, "runA", 0), _checkpoint(lightning_run, "runB", 4)
     out = tmp_path / "report"
     argv = [
         "--data", str(dataset), "--method", f"proposed={a}", "--method", f"firstStep={b}",
@@ -303,8 +299,8 @@ def test_cli_end_to_end_with_checkpoints(dataset: Path, tmp_path: Path, capsys) 
         (["--method", "a=CKPT", "--proposed", "a", "--n-test", "0", "--n-val", "0"], "no test patient"),
     ],
 )
-def test_cli_bad_input_one_line(dataset: Path, tmp_path: Path, capsys, extra, message) -> None:
-    ckpt = _checkpoint(tmp_path / "run", 0)
+def test_cli_bad_input_one_line(dataset: Path, tmp_path: Path, capsys, lightning_run, extra, message) -> None:
+    ckpt = _checkpoint(lightning_run, "run", 0)
     extra = [e.replace("CKPT", str(ckpt)) for e in extra]
     argv = ["--data", str(dataset), "--out", str(tmp_path / "o"), "--split-file", str(tmp_path / "s.yaml")]
     argv += ["--cache-dir", str(tmp_path / "cache"), "--no-progress", *extra]

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from ldct_lightning.cli import export as cli
 from ldct_lightning.models.generator import AttentionResUNet
@@ -18,17 +17,11 @@ TINY = {"base_channels": 8}
 
 
 @pytest.fixture
-def checkpoint(tmp_path) -> tuple[Path, AttentionResUNet]:
-    """A tiny generator's checkpoint in a run folder whose run_info.yaml names the architecture."""
-    torch.manual_seed(0)
-    generator = AttentionResUNet(**TINY).eval()
-    run = tmp_path / "run"
-    path = run / "second/checkpoints/last.ckpt"
-    path.parent.mkdir(parents=True)
-    torch.save({"state_dict": {"generator." + k: v for k, v in generator.state_dict().items()}}, path)
-    target = {"_target_": "ldct_lightning.models.generator.AttentionResUNet", **TINY}
-    (run / "run_info.yaml").write_text(yaml.safe_dump({"config": {"model": {"generator": target}}}))
-    return path, generator
+def checkpoint(lightning_run) -> tuple[Path, AttentionResUNet]:
+    """A real stage-2 Lightning checkpoint (a tiny fit: generator and critic) in a run folder whose
+    run_info.yaml names the architecture, and the trained generator it holds."""
+    trained = lightning_run("run", stage="second", **TINY)
+    return trained.checkpoint, trained.generator
 
 
 def _inputs() -> list[torch.Tensor]:

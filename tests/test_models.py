@@ -86,16 +86,62 @@ def test_generator_rejects_bad_arguments() -> None:
         AttentionResUNet(base_channels=4, depth=1)(torch.rand(1, 2, 8, 8))
 
 
+def conv_macs(c_in: int, c_out: int, k: int) -> int:
+    """Multiply-accumulates of a k x k convolution per output pixel (= its weights, without bias)."""
+    return k * k * c_in * c_out
+
+
+def residual_block(c_in: int, c_out: int) -> tuple[int, int]:
+    """(parameters, MACs per output pixel) of conv3x3-BN-act-conv3x3-BN + conv1x1-BN shortcut, no conv bias."""
+    macs = conv_macs(c_in, c_out, 3) + conv_macs(c_out, c_out, 3) + conv_macs(c_in, c_out, 1)
+    return macs + 3 * 2 * c_out, macs  # three batch norms, 2 parameters per channel
+
+
+def generator_size(base: int = 32, depth: int = 4, size: int = 512) -> tuple[int, int]:
+    """(parameters, FLOPs) of the generator from its layer table (SPEC section 1 / Hu et al. Fig. 2).
+
+    Encoder level i: residual block at size / 2**i; bottleneck 2x the last width at size / 2**depth; decoder
+    level i: residual block 3C -> C (upsampled 2C + skip C) at size / 2**i; CBAM on each skip: shared FC
+    C -> max(1, C/16) -> C without bias, run on the average and on the max pool, and a 7x7 conv 2 -> 1 without bias;
+    output conv3x3 C -> 1 with bias. FLOPs count 2 per multiply-accumulate of convolutions and FCs (norms,
+    pooling, activations and upsampling not counted).
+    """
+    widths = [base * 2**i for i in range(depth)]
+    params, macs = 0, 0
+    previous = 1
+    for i, w in enumerate(widths):
+        pixels = (size // 2**i) ** 2
+        p, m = residual_block(previous, w)  # encoder
+        params, macs = params + p, macs + m * pixels
+        p, m = residual_block(3 * w, w)  # decoder
+        params, macs = params + p, macs + m * pixels
+        hidden = max(1, w // 16)  # at least one hidden unit
+        params += 2 * w * hidden + conv_macs(2, 1, 7)  # CBAM
+        macs += 2 * (2 * w * hidden) + conv_macs(2, 1, 7) * pixels
+        previous = w
+    p, m = residual_block(widths[-1], 2 * widths[-1])
+    params, macs = params + p, macs + m * (size // 2**depth) ** 2
+    params += conv_macs(base, 1, 3) + 1
+    macs += conv_macs(base, 1, 3) * size**2
+    return params, 2 * macs
+
+
 def test_default_generator_size_matches_spec() -> None:
-    """32->256 channels + 512 bottleneck: 8,298,729 parameters and 119.04 GFLOPs (2 x MACs) per 512x512 slice."""
-    net = AttentionResUNet()
-    assert count_parameters(net) == 8_298_729
+    """32->256 channels + 512 bottleneck: 8.30 M parameters and 119.04 GFLOPs per 512x512 slice (SPEC 5)."""
+    params, flops = generator_size()
+    assert (params, flops) == (8_298_729, 119_035_521_536)  # the layer table above, written out
+    assert count_parameters(AttentionResUNet()) == params
     with torch.device("meta"):  # FlopCounterMode counts on meta tensors: no compute
         meta_net = AttentionResUNet()
     cost = count_flops(meta_net, (1, 1, 512, 512))
-    assert cost.flops == 119_035_521_536
+    assert cost.flops == flops
     assert cost.macs * 2 == cost.flops
     assert cost.gflops == pytest.approx(119.04, abs=0.01)
+    # another width and depth: the table, not a constant, is what the network follows
+    small = generator_size(base=8, depth=2, size=64)
+    assert count_parameters(AttentionResUNet(base_channels=8, depth=2)) == small[0]
+    with torch.device("meta"):
+        assert count_flops(AttentionResUNet(base_channels=8, depth=2), (1, 1, 64, 64)).flops == small[1]
 
 
 def test_count_flops_counts_two_per_multiply_accumulate() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
@@ -53,7 +55,17 @@ def test_fast_dev_run_of_both_stages(tiny_dataset: Path, tmp_path: Path) -> None
     cfg = tiny_cfg(tiny_dataset, tmp_path / "run", ["debug=fast"])
     summary = run(cfg)
     assert set(summary) == {"first", "second"}
-    assert (tmp_path / "run" / "run_info.yaml").is_file()
+    for stage, loss in (("first", "train/loss"), ("second", "train/loss_critic")):
+        assert summary[stage]["train_batches"] == 1, stage  # one batch, not the configured epochs
+        metrics = summary[stage]["metrics"]
+        assert math.isfinite(metrics[loss]) and math.isfinite(metrics["val/psnr_abdomen"]), stage
+    # stage 2 starts from this run's stage-1 file, not from another run of the experiment nor at random
+    second = torch.load(summary["second"]["last_ckpt"], map_location="cpu", weights_only=True)
+    assert second["generator_init_source"] == summary["first"]["last_ckpt"]
+    assert Path(summary["first"]["last_ckpt"]).parent == tmp_path / "run" / "first" / "checkpoints"
+    info = yaml.safe_load((tmp_path / "run" / "run_info.yaml").read_text())
+    assert info["split_inputs_hash"] == summary["second"]["split_inputs_hash"]
+    assert info["config"]["trainer"]["fast_dev_run"] is True
 
 
 def test_stage1_fit_lowers_the_loss_and_writes_checkpoints(tiny_dataset: Path, tmp_path: Path) -> None:
@@ -85,8 +97,9 @@ def test_stage1_fit_lowers_the_loss_and_writes_checkpoints(tiny_dataset: Path, t
 
 def test_proposed_hands_the_stage1_generator_to_stage2(tiny_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    cfg = tiny_cfg(tiny_dataset, out, ["ablation=proposed", "stages.second.max_epochs=1"])
-    summary = run(cfg)
+    # learning rate 0 in stage 2: its generator's parameters stay the ones it was handed
+    overrides = ["ablation=proposed", "stages.second.max_epochs=1", "stages.second.module.optimizer_g.lr=0"]
+    summary = run(tiny_cfg(tiny_dataset, out, overrides))
     stage2_hparams = (out / "second" / "hparams.yaml").read_text()
     assert "generator_init" in stage2_hparams
     first_state = torch.load(summary["first"]["best_ckpt"], map_location="cpu", weights_only=True)[
@@ -94,7 +107,12 @@ def test_proposed_hands_the_stage1_generator_to_stage2(tiny_dataset: Path, tmp_p
     ]
     second = torch.load(summary["second"]["last_ckpt"], map_location="cpu", weights_only=True)
     assert second["generator_init_source"] == summary["first"]["best_ckpt"]
-    assert set(first_state) & set(second["state_dict"])
+    # batch-norm running statistics are re-estimated in stage 2 (freeze_generator_norm off): parameters only
+    buffers = ("running_mean", "running_var", "num_batches_tracked")
+    params = [k for k in first_state if k.startswith("generator.") and not k.endswith(buffers)]
+    assert params and all(k in second["state_dict"] for k in params)
+    for k in params:
+        assert torch.equal(second["state_dict"][k], first_state[k]), k
 
 
 def test_wandb_offline_run_writes_its_files(tiny_dataset: Path, tmp_path: Path, monkeypatch) -> None:

@@ -13,11 +13,11 @@ from PIL import Image
 from scipy import stats
 
 from ldct_lightning.cli.reader_study import main
-from ldct_lightning.data.normalize import apply_window
 from ldct_lightning.eval import reader_study as rs
 
 METHODS = ["LDCT", "NDCT", "CycleGAN", "proposed"]
 LEAK = re.compile("|".join(METHODS), re.I)
+LEVEL = {"LDCT": 3, "NDCT": 8.5, "CycleGAN": 5, "proposed": 8}  # a method's score in the filled-in sheets
 
 
 def make_slices(n: int = 6, size: int = 24) -> list[rs.SliceImages]:
@@ -74,7 +74,10 @@ def test_export_is_blinded_and_keyed(tmp_path):
     # the PNG shows the keyed method's slice in the abdomen window
     row = key[0]
     item = next(s for s in slices if s.slice_index == int(row["slice_index"]))
-    expected = np.round(apply_window(item.images[row["method"]], 40.0, 400.0) * 255).astype(np.uint8)
+    # abdomen window C40/W400 by hand: -160 HU -> 0, 240 HU -> 255, clipped outside
+    windowed = np.clip((item.images[row["method"]] - (40.0 - 400.0 / 2)) / 400.0, 0.0, 1.0)
+    expected = np.round(windowed * 255).astype(np.uint8)
+    assert 0 < expected.min() < expected.max() < 255  # the image is inside the window, not clipped flat
     assert np.array_equal(np.asarray(Image.open(res.kit_dir / "images" / row["file"])), expected)
     # seeded: same seed, same key; another seed, another draw or order
     again = rs.export_reader_study(slices, tmp_path / "again", n=4, seed=3)
@@ -96,14 +99,13 @@ def test_icc_shrout_fleiss_1979():
 def fill_sheets(study: Path, readers: dict[str, float]) -> tuple[list[Path], dict]:
     """Fill the exported sheet: score = method level + reader offset + a case-dependent wobble."""
     key = {(r["case"], r["image"]): r["method"] for r in read_csv(study / "key.csv")}
-    level = {"LDCT": 3, "NDCT": 8.5, "CycleGAN": 5, "proposed": 8}
     template = read_csv(study / rs.KIT_DIR / "score_sheet.csv")
     paths = []
     for reader, offset in readers.items():
         rows = []
         for r in template:
             wobble = int(r["case"][-3:]) % 3 * 0.5
-            base = level[key[(r["case"], r["image"])]] + offset + wobble
+            base = LEVEL[key[(r["case"], r["image"])]] + offset + wobble
             rows.append(
                 r
                 | {"reader": reader}
@@ -148,8 +150,15 @@ def test_cli_export_and_analyze_round_trip(tmp_path, capsys):
     cols = [[level + 0.25 + w for w in wobbles] for level in (3, 8.5, 5, 8)]
     expected = stats.friedmanchisquare(*[cols[i] for i in np.argsort(METHODS)])
     assert result.friedman["noise_suppression"]["p"] == pytest.approx(expected.pvalue)
-    # a constant reader offset lowers absolute agreement below 1 but keeps it high
-    assert 0.8 < result.icc["overall"]["icc"] < 1.0
+    # ICC(2,1) by hand: reader 2 = reader 1 + c on every image (c = 0.5, no score capped at 10 in this
+    # criterion), so the residual mean square is 0, BMS = 2 s^2 (s^2 the variance of the images' scores) and
+    # JMS = n c^2 / 2: ICC = 2 s^2 / (2 s^2 + c^2) = s^2 / (s^2 + c^2 / 2)
+    image_scores = [LEVEL[m] + int(case[-3:]) % 3 * 0.5 for (case, _), m in key.items()]
+    s2 = np.var(image_scores, ddof=1)
+    icc = result.icc["noise_suppression"]
+    assert icc["n_targets"] == len(key) == 5 * len(METHODS)
+    assert icc["icc"] == pytest.approx(s2 / (s2 + 0.5**2 / 2), rel=1e-12)
+    assert result.icc["overall"]["icc"] < 1.0  # a constant offset lowers absolute agreement
     assert len(result.posthoc) == len(rs.CRITERIA) * 6
     assert all(r["p_holm"] >= r["p"] for r in result.posthoc)
 
