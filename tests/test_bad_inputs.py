@@ -11,10 +11,13 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import test_denoise
 from pydicom.data import get_testdata_file
-from test_denoise import SHAPE, _run_cli, run_checkpoint  # noqa: F401  (run_checkpoint is a fixture)
+from test_denoise import SHAPE, _run_cli
 
 from ldct_lightning.data.dicom import scan_dicom
+
+run_checkpoint = test_denoise.run_checkpoint  # the fixture
 
 
 def _source_uids(paths: list[Path]) -> set[str]:
@@ -84,9 +87,7 @@ def test_every_readable_series_is_denoised_and_each_bad_file_named_once(
 
 def test_strict_stops_at_the_first_bad_file(write_series, run_checkpoint, tmp_path, capsys):
     _bad_folder(tmp_path / "in", write_series)
-    rc, out, err = _run_cli(
-        [tmp_path / "in", tmp_path / "out", "-c", run_checkpoint(), "--strict"], capsys
-    )
+    rc, out, err = _run_cli([tmp_path / "in", tmp_path / "out", "-c", run_checkpoint(), "--strict"], capsys)
     assert rc == 2 and "Traceback" not in out + err
     errors = [line for line in err.splitlines() if line.startswith("ldct-denoise: error:")]
     assert len(errors) == 1 and "truncated_header.dcm" in errors[0], err

@@ -290,7 +290,9 @@ def denoise_one_series(
     return final
 
 
-def _print_summary(results: Sequence[SeriesResult], skipped_files: Sequence[SkippedFile], output_dir: Path) -> None:
+def _print_summary(
+    results: Sequence[SeriesResult], skipped_files: Sequence[SkippedFile], output_dir: Path
+) -> None:
     """Every series (done or skipped) and every skipped file, one line each."""
     done = [r for r in results if r.folder is not None]
     failed = [r for r in results if r.folder is None]
@@ -306,7 +308,9 @@ def _print_summary(results: Sequence[SeriesResult], skipped_files: Sequence[Skip
         print(f"  skipped  {item.message}")
 
 
-def _failure_line(results: Sequence[SeriesResult], skipped_files: Sequence[SkippedFile], n_files: int) -> str | None:
+def _failure_line(
+    results: Sequence[SeriesResult], skipped_files: Sequence[SkippedFile], n_files: int
+) -> str | None:
     """The one error line when anything was skipped (counts and the first problem), else None."""
     failed = [r for r in results if r.folder is None]
     parts = []

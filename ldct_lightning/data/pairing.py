@@ -337,7 +337,12 @@ def _write_yaml_atomic(data: dict, path: Path) -> None:
 
 
 def load_or_create_split(
-    path: str | Path, studies: Sequence[Study], n_val: int | float, n_test: int | float, seed: int
+    path: str | Path,
+    studies: Sequence[Study],
+    n_val: int | float,
+    n_test: int | float,
+    seed: int,
+    write: bool = True,
 ) -> Split:
     """Reuse the split stored at ``path``, or make it and write it there (YAML, atomically).
 
@@ -347,6 +352,7 @@ def load_or_create_split(
         n_val: validation patients, a count or a fraction.
         n_test: test patients, a count or a fraction.
         seed: random seed.
+        write: write a new split (False: only return the split that would be written).
 
     Returns:
         The split.
@@ -380,6 +386,8 @@ def load_or_create_split(
             inputs_hash=inputs_hash,
         )
     split = make_split(studies, n_val, n_test, seed)
+    if not write:
+        return split
     _write_yaml_atomic(
         {
             "inputs_hash": split.inputs_hash,
