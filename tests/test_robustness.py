@@ -562,7 +562,7 @@ def test_train_py_reports_bad_input_in_one_line(tiny_dataset: Path, tmp_path: Pa
     cases = {
         "empty": ([f"data.root={empty}"], f"{empty}: no DICOM CT image found"),
         "broken": (
-            [f"data.root={broken}", "data.n_val=1", "data.n_test=1"],
+            [f"data.root={broken}", "data.n_val=1", "data.n_test=1", "data.strict=true"],
             f"{bad_file}: the DICOM header lacks",
         ),
         "existing": ([f"data.root={tiny_dataset}", f"hydra.run.dir={existing}"], "already holds checkpoints"),

@@ -326,7 +326,8 @@ def make_split(studies: Sequence[Study], n_val: int | float, n_test: int | float
     )
 
 
-def _write_yaml_atomic(data: dict, path: Path) -> None:
+def write_yaml_atomic(data: dict, path: Path) -> None:
+    """Write YAML through a temporary file of this process (so concurrent writers never share one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -388,7 +389,7 @@ def load_or_create_split(
     split = make_split(studies, n_val, n_test, seed)
     if not write:
         return split
-    _write_yaml_atomic(
+    write_yaml_atomic(
         {
             "inputs_hash": split.inputs_hash,
             "params": {
