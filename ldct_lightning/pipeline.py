@@ -286,9 +286,11 @@ def _user_error(exc: BaseException) -> BaseException | None:
     from ldct_lightning.data.datamodule import DataConfigError
     from ldct_lightning.data.dicom import DicomError
     from ldct_lightning.data.pairing import PairingError
+    from ldct_lightning.privacy import PrivacyError
 
     expected = (
         DicomError,
+        PrivacyError,
         PairingError,
         DataConfigError,
         ConfigError,

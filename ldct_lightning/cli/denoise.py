@@ -4,7 +4,8 @@ An INPUT is a DICOM file or a folder tree. Files that are no CT image or are bro
 other modalities, ...) and series that cannot be read are skipped, each named once in the summary at the
 end; every readable CT series is denoised. ``--strict`` stops at the first bad file instead.
 
-Each output series lands in ``OUTPUT/<series_key>/`` (a hashed SeriesInstanceUID, never a patient name) as a copy
+Each output series lands in ``OUTPUT/<series_key>/`` (a keyed hash of the SeriesInstanceUID under the secret
+of the first INPUT folder, as training and evaluation on that folder name it; never a patient name) as a copy
 of the source files with new Series/SOP Instance UIDs, ImageType ``DERIVED\\SECONDARY``, the description
 suffixed, a DerivationDescription and a SourceImageSequence, geometry and all other tags kept. Pixel data go back
 through the inverse modality LUT of each source file and are written uncompressed (Explicit VR Little Endian).
@@ -37,6 +38,7 @@ from ldct_lightning.data.dicom import DicomError, SeriesInfo, SkippedFile, read_
 from ldct_lightning.data.dicom_write import hu_to_stored, save_atomic
 from ldct_lightning.inference import Denoiser, InferenceError, load_generator_config
 from ldct_lightning.modules.handoff import CheckpointError
+from ldct_lightning.privacy import PrivacyError
 
 PROG = "ldct-denoise"
 
@@ -337,6 +339,7 @@ def run(args: argparse.Namespace) -> int:
         overlap=args.overlap,
         batch_size=args.batch_size,
     )
+    # series keys under the first input's secret: the same keys as training and evaluation on that folder
     scan = scan_dicom(args.inputs, allow_non_ct=True, strict=args.strict)
     derivation = (
         f"Denoised with ldct-lightning {__version__} (two-stage LDCT denoising after Hu et al. 2024), "
@@ -392,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.showwarning = _show_warning
         try:
             return run(args)
-        except (DicomError, CheckpointError, InferenceError, DenoiseCLIError) as e:
+        except (DicomError, CheckpointError, InferenceError, DenoiseCLIError, PrivacyError) as e:
             print(f"{PROG}: error: {e}", file=sys.stderr)
             return 2
         except OSError as e:  # permissions, disk full: the message names the path

@@ -283,7 +283,9 @@ class LDCTDataModule(L.LightningDataModule):
             own.append(str(manifest))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            scan = scan_dicom([self._dicom_dir()], progress=self.progress, strict=self.strict)
+            scan = scan_dicom(
+                [self._dicom_dir()], progress=self.progress, strict=self.strict, key_root=self.root
+            )
         # the cache, split and manifest may live inside the scanned tree: their files are not DICOM
         for w in caught:
             if not any(str(w.message).startswith(prefix) for prefix in own):

@@ -2,7 +2,8 @@
 
 Files are found recursively under any name and grouped by SeriesInstanceUID (never by folder or file
 name). Slices are sorted by their position along the slice normal. Identifiers never reach a message in
-clear text: series and patients are named by hashed keys (:func:`ldct_lightning.privacy.hash_identifier`).
+clear text: series and patients are named by keyed hashes under the data root's secret
+(:func:`ldct_lightning.privacy.pseudonymizer`).
 """
 
 from __future__ import annotations
@@ -20,10 +21,7 @@ from pydicom.pixels import apply_modality_lut
 from pydicom.uid import MediaStorageDirectoryStorage
 from tqdm.auto import tqdm
 
-from ldct_lightning.privacy import hash_identifier
-
-# The data root's pseudonym key file (ldct_lightning.privacy) is never scanned.
-_KEY_FILE_NAME = ".ldct-pseudonym.key"
+from ldct_lightning.privacy import KEY_FILE_NAME, Pseudonymizer, pseudonymizer
 
 # Slices closer than this along the normal count as the same position (mm).
 _SAME_POSITION_MM = 1e-3
@@ -249,9 +247,9 @@ def _slice_positions(key: str, headers: Sequence[_SliceHeader]) -> list[float]:
     return [float(h.instance_number or 0) * step for h in headers]
 
 
-def _make_series(series_uid: str, headers: Sequence[_SliceHeader]) -> SeriesInfo:
+def _make_series(series_uid: str, headers: Sequence[_SliceHeader], keys: Pseudonymizer) -> SeriesInfo:
     """Check, sort and summarise the headers of one series."""
-    key = hash_identifier(series_uid)
+    key = keys.key(series_uid)
     _check_consistent(key, headers)
     positions = _slice_positions(key, headers)
     order = sorted(
@@ -276,7 +274,7 @@ def _make_series(series_uid: str, headers: Sequence[_SliceHeader]) -> SeriesInfo
     return SeriesInfo(
         series_uid=series_uid,
         series_key=key,
-        patient_key=hash_identifier(first.patient_id),
+        patient_key=keys.key(first.patient_id),
         modality="CT",
         files=tuple(h.path for h in headers),
         positions_mm=tuple(positions),
@@ -374,6 +372,7 @@ def scan_dicom(
     progress: bool = False,
     allow_non_ct: bool = False,
     strict: bool = False,
+    key_root: str | Path | None = None,
 ) -> DicomScan:
     """Find all CT series in DICOM files and folder trees (recursively, any file names), from headers only.
 
@@ -389,6 +388,8 @@ def scan_dicom(
         progress: show a tqdm progress bar.
         allow_non_ct: strict mode: skip files of other modalities with a warning instead of failing.
         strict: stop at the first bad file or series.
+        key_root: the data root whose secret keys the series and patients (default: the first input,
+            or its folder when it is a file).
 
     Returns:
         The series and the skipped files.
@@ -397,12 +398,15 @@ def scan_dicom(
         DicomError: an input that does not exist, no CT image at all, or (strict) a bad file or series.
     """
     paths = _input_files(inputs)
+    if key_root is None:
+        key_root = inputs[0] if Path(inputs[0]).is_dir() else Path(inputs[0]).parent
+    keys = pseudonymizer(key_root)
     where = str(inputs[0]) if len(inputs) == 1 else f"the {len(inputs)} inputs"
     by_series: dict[str, list[_SliceHeader]] = defaultdict(list)
     skipped: list[SkippedFile] = []
     benign: dict[str, list[Path]] = defaultdict(list)  # strict mode: reason -> files, one warning each
     for path in tqdm(paths, desc="scan DICOM", unit="file", disable=not progress):
-        if path.name == _KEY_FILE_NAME:  # the data root's pseudonym key (ldct_lightning.privacy)
+        if path.name == KEY_FILE_NAME:  # the data root's pseudonym key (ldct_lightning.privacy)
             continue
         try:
             header = _classify(path)
@@ -435,7 +439,7 @@ def scan_dicom(
     series = []
     for uid, headers in by_series.items():
         try:
-            series.append(_make_series(uid, headers))
+            series.append(_make_series(uid, headers, keys))
         except DicomError as e:
             if strict:
                 raise
@@ -451,7 +455,11 @@ def scan_dicom(
 
 
 def scan_dicom_folder(
-    root: str | Path, progress: bool = False, allow_non_ct: bool = False, strict: bool = True
+    root: str | Path,
+    progress: bool = False,
+    allow_non_ct: bool = False,
+    strict: bool = True,
+    key_root: str | Path | None = None,
 ) -> list[SeriesInfo]:
     """Find all CT series under a folder (recursively, any file names) from their headers only.
 
@@ -464,6 +472,7 @@ def scan_dicom_folder(
         progress: show a tqdm progress bar.
         allow_non_ct: skip files of other modalities with a warning instead of failing.
         strict: stop at the first bad file or series.
+        key_root: the data root whose secret keys the series and patients (default: ``root``).
 
     Returns:
         The series, sorted by (patient_key, series_key).
@@ -477,7 +486,7 @@ def scan_dicom_folder(
         raise DicomError(
             f"{root}: not a folder. Point the data path to the folder that holds the DICOM files"
         )
-    scan = scan_dicom([root], progress=progress, allow_non_ct=allow_non_ct, strict=strict)
+    scan = scan_dicom([root], progress=progress, allow_non_ct=allow_non_ct, strict=strict, key_root=key_root)
     for item in scan.skipped:
         warnings.warn(item.message, stacklevel=2)
     return scan.series

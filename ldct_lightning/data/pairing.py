@@ -20,7 +20,6 @@ from pathlib import Path
 import yaml
 
 from ldct_lightning.data.dicom import SeriesInfo
-from ldct_lightning.privacy import hash_identifier
 
 ROLES = ("ldct", "ndct")
 # Dose tags compared to tell LDCT from NDCT, in order of preference: (SeriesInfo attribute, keyword, unit).
@@ -184,7 +183,7 @@ def _studies_from_manifest(series: Sequence[SeriesInfo], manifest: Path, aligned
         if uid:
             if uid not in by_uid:
                 raise PairingError(
-                    f"{where}: series {hash_identifier(uid)} (hashed series_uid) is not among the scanned series. "
+                    f"{where}: its series_uid is not among the scanned series. "
                     "Check the series_uid and the data folder"
                 )
             s = by_uid[uid]
