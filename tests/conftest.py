@@ -66,3 +66,20 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tiny") / "data"
     generate_dataset(root, PRESETS["tiny"], progress=False)
     return root
+
+
+@pytest.fixture(autouse=True)
+def _offline_torch_hub(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Tests never download: an empty torch hub folder (TORCH_HOME) and a download that fails as offline."""
+    import urllib.error
+
+    import torch
+
+    home = tmp_path_factory.mktemp("torch-home")
+    monkeypatch.setenv("TORCH_HOME", str(home))
+
+    def offline(url: str, *args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("tests run offline")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    return home
