@@ -78,3 +78,16 @@ def test_the_secret_never_reaches_output_or_logs(tiny_dataset: Path, capsys, cap
     logs = "\n".join(r.getMessage() for r in caplog.records)
     assert secret not in out + err + logs and "patient_key" in out
     assert secret not in repr(pseudonymizer(tiny_dataset))
+
+
+def test_truth_files_under_another_key_are_reported(tmp_path: Path) -> None:
+    from test_datamodule import make_dm, write_dataset
+
+    from ldct_lightning.data.datamodule import DataConfigError
+
+    root = tmp_path / "data"
+    write_dataset(root, truth=True)
+    for i, f in enumerate(sorted((root / "truth").glob("*.npz"))):  # as named by an older, unkeyed hash
+        f.rename(f.with_name(f"{hashlib.sha256(f'PAT-{i:03d}'.encode()).hexdigest()[:12]}.npz"))
+    with pytest.raises(DataConfigError, match="another pseudonym key.*--overwrite"):
+        make_dm(root, tmp_path).setup("fit")

@@ -38,6 +38,7 @@ from ldct_lightning.data.noise import (
 )
 from ldct_lightning.data.normalize import HU_MAX, HU_MIN
 from ldct_lightning.data.pairing import Split, Study, build_studies, load_or_create_split
+from ldct_lightning.privacy import KEY_FILE_NAME
 
 log = logging.getLogger(__name__)
 
@@ -342,9 +343,21 @@ class LDCTDataModule(L.LightningDataModule):
                 f"data.split_file={str(self.split_file)!r}: patient {missing[0]} of the split has no study. "
                 "Delete the split file to make a new one"
             )
+        self._check_truth_names()
         if self.train_ldct == "truth":
             for key in self.split.train:
                 self._patients[key] = self._truth_lowdose_patient(self._patients[key])
+
+    def _check_truth_names(self) -> None:
+        """Truth files that match no patient were named under another key (an older data set): say so."""
+        truth = self.root / "truth"
+        names = {p.stem for p in truth.glob("*.npz")} if truth.is_dir() else set()
+        if names and not names & {s.patient_key for s in self.studies}:
+            raise DataConfigError(
+                f"data.root={str(self.root)!r}: no file in {truth} matches a patient key, so they were named "
+                "under another pseudonym key (a data set made before keyed pseudonyms, or a lost "
+                f"{self.root / KEY_FILE_NAME}). Regenerate it: ldct-simulate ROOT --preset ... --overwrite"
+            )
 
     def _load_patient(self, study: Study) -> PatientVolumes:
         assert self.cache is not None

@@ -144,7 +144,8 @@ PRESETS: dict[str, SyntheticConfig] = {
         photons_ndct=6.0e4,
         electronic_noise_sd=1.0,
     ),
-    "demo": SyntheticConfig(),
+    # 11 patients: 6 train, 2 val, 3 test (conf/data/synthetic.yaml), so that per-patient statistics exist
+    "demo": SyntheticConfig(n_patients=11),
     "bench": SyntheticConfig(
         n_patients=16,
         n_slices=24,
@@ -539,9 +540,7 @@ def save_overview(scan: _Scan, path: Path, patient_key: str) -> None:
                 axes[r, 3].contour(mask, levels=[0.5], colors=[colors[label]], linewidths=0.6)
     handles = [plt.Line2D([], [], color=colors[i], label=LABELS[i]) for i in (1, 2, 3, 4, 9)]
     fig.legend(handles=handles, loc="lower center", ncol=5, frameon=False)
-    fig.suptitle(
-        f"synthetic patient {patient_key}: abdomen window C40/W400", fontsize=12
-    )
+    fig.suptitle(f"synthetic patient {patient_key}: abdomen window C40/W400", fontsize=12)
     fig.tight_layout(rect=(0, 0.03, 1, 0.97))
     fig.savefig(path, dpi=100)
     plt.close(fig)
