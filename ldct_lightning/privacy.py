@@ -100,6 +100,19 @@ def _read(path: Path) -> bytes:
     return secret
 
 
+def find_key_root(path: str | Path) -> Path:
+    """The data root a folder belongs to: the nearest of it and its parents with a key file, else itself.
+
+    So ``<root>/dicom`` of a synthetic set, or one patient's folder of a DICOM tree trained on, is keyed as
+    its data root is.
+    """
+    path = Path(path)
+    for folder in [path, *path.resolve().parents]:
+        if (folder / KEY_FILE_NAME).is_file():
+            return folder
+    return path
+
+
 def key_file(root: str | Path) -> Path:
     """Where the secret of a data root is kept (created there on first use when the root is writable)."""
     root = Path(root)

@@ -91,3 +91,13 @@ def test_truth_files_under_another_key_are_reported(tmp_path: Path) -> None:
         f.rename(f.with_name(f"{hashlib.sha256(f'PAT-{i:03d}'.encode()).hexdigest()[:12]}.npz"))
     with pytest.raises(DataConfigError, match="another pseudonym key.*--overwrite"):
         make_dm(root, tmp_path).setup("fit")
+
+
+def test_a_subfolder_is_keyed_as_its_data_root(tmp_path: Path) -> None:
+    from ldct_lightning.privacy import find_key_root
+
+    key = hash_identifier("X", tmp_path)
+    (tmp_path / "dicom" / "p1").mkdir(parents=True)
+    assert find_key_root(tmp_path / "dicom" / "p1") == tmp_path
+    assert hash_identifier("X", find_key_root(tmp_path / "dicom")) == key
+    assert not (tmp_path / "dicom" / KEY_FILE_NAME).exists()

@@ -339,7 +339,7 @@ def run(args: argparse.Namespace) -> int:
         overlap=args.overlap,
         batch_size=args.batch_size,
     )
-    # series keys under the first input's secret: the same keys as training and evaluation on that folder
+    # series keys under the secret of the first input's data root: the same keys as training and evaluation
     scan = scan_dicom(args.inputs, allow_non_ct=True, strict=args.strict)
     derivation = (
         f"Denoised with ldct-lightning {__version__} (two-stage LDCT denoising after Hu et al. 2024), "

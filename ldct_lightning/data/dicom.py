@@ -21,7 +21,7 @@ from pydicom.pixels import apply_modality_lut
 from pydicom.uid import MediaStorageDirectoryStorage
 from tqdm.auto import tqdm
 
-from ldct_lightning.privacy import KEY_FILE_NAME, Pseudonymizer, pseudonymizer
+from ldct_lightning.privacy import KEY_FILE_NAME, Pseudonymizer, find_key_root, pseudonymizer
 
 # Slices closer than this along the normal count as the same position (mm).
 _SAME_POSITION_MM = 1e-3
@@ -388,8 +388,9 @@ def scan_dicom(
         progress: show a tqdm progress bar.
         allow_non_ct: strict mode: skip files of other modalities with a warning instead of failing.
         strict: stop at the first bad file or series.
-        key_root: the data root whose secret keys the series and patients (default: the first input,
-            or its folder when it is a file).
+        key_root: the data root whose secret keys the series and patients (default: the first input, or its
+            folder when it is a file, or the nearest parent with a key file, see
+            :func:`~ldct_lightning.privacy.find_key_root`).
 
     Returns:
         The series and the skipped files.
@@ -399,7 +400,7 @@ def scan_dicom(
     """
     paths = _input_files(inputs)
     if key_root is None:
-        key_root = inputs[0] if Path(inputs[0]).is_dir() else Path(inputs[0]).parent
+        key_root = find_key_root(inputs[0] if Path(inputs[0]).is_dir() else Path(inputs[0]).parent)
     keys = pseudonymizer(key_root)
     where = str(inputs[0]) if len(inputs) == 1 else f"the {len(inputs)} inputs"
     by_series: dict[str, list[_SliceHeader]] = defaultdict(list)
@@ -472,7 +473,8 @@ def scan_dicom_folder(
         progress: show a tqdm progress bar.
         allow_non_ct: skip files of other modalities with a warning instead of failing.
         strict: stop at the first bad file or series.
-        key_root: the data root whose secret keys the series and patients (default: ``root``).
+        key_root: the data root whose secret keys the series and patients (default: ``root`` or the nearest
+            parent with a key file).
 
     Returns:
         The series, sorted by (patient_key, series_key).
