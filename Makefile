@@ -65,7 +65,8 @@ report: install  ## rebuild the report (tables, statistics, figures) from an eva
 	@ldct-evaluate --report-only --out $(DEMO_OUT)
 
 data-demo: install  ## generate the demo data set when it is missing
-	@if [ -f $(DEMO_DATA)/manifest.csv ]; then echo "# $(DEMO_DATA) exists (make clean, or ldct-simulate --overwrite, to remake it)"; \
+	@if [ -f $(DEMO_DATA)/manifest.csv ] && [ -f $(DEMO_DATA)/.ldct-pseudonym.key ]; then echo "# $(DEMO_DATA) exists (make clean, or ldct-simulate --overwrite, to remake it)"; \
+	elif [ -f $(DEMO_DATA)/manifest.csv ]; then echo "+ ldct-simulate $(DEMO_DATA) --preset demo --overwrite   # made before keyed pseudonyms"; ldct-simulate $(DEMO_DATA) --preset demo --overwrite; \
 	else echo "+ ldct-simulate $(DEMO_DATA) --preset demo"; ldct-simulate $(DEMO_DATA) --preset demo; fi
 
 train-first: data-demo  ## stage 1 (firstStep) on the demo set; ARGS="..." passes Hydra overrides

@@ -12,6 +12,10 @@ What Lightning already does, and what is added here:
   with status 1; nothing is saved. :class:`InterruptCheckpoint` saves ``<stage>/checkpoints/last.ckpt`` in
   ``on_exception`` and prints how to resume (``ckpt_path=last`` with the same run directory); ``train.py``
   turns the SIGTERM exit into status 143.
+- ``last.ckpt``: Lightning 2.6's ModelCheckpoint writes it only together with a new best checkpoint, so a run
+  (a resumed one in particular) whose best epoch is not its last leaves an older model there, which stage 2's
+  hand-off, ``ldct-evaluate`` and ``--sweep`` would then read. :class:`LastCheckpoint` writes it every epoch
+  and at the end of training.
 - Non-finite losses: Lightning does not check them (``detect_anomaly`` is a slow debugging aid).
   :class:`NonFiniteGuard` checks every loss that is backpropagated and, before each optimizer step, the
   gradients; then it stops the run (:class:`NonFiniteLossError`, raised before the step, so the weights and
@@ -29,6 +33,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -73,6 +78,35 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
 def _say(trainer: L.Trainer, message: str) -> None:
     if trainer.is_global_zero:
         print(message, file=sys.stderr, flush=True)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose ``last.ckpt`` always holds the latest epoch and global step.
+
+    Lightning (2.6) saves ``last.ckpt`` only at steps where a top-k checkpoint was saved; this subclass saves
+    it after every epoch's top-k check and at the end of training as well (once per global step).
+    Same arguments as :class:`~lightning.pytorch.callbacks.ModelCheckpoint`.
+    """
+
+    def _save_last_if_stale(self, trainer: L.Trainer) -> None:
+        # _should_skip_saving_checkpoint is also true when this global step was saved already
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    # each after the hook where ModelCheckpoint makes its top-k save, so that one is not skipped
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_stale(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_stale(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._save_last_if_stale(trainer)
 
 
 class InterruptCheckpoint(L.Callback):

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import yaml
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from ldct_lightning.data.pairing import write_yaml_atomic
 from ldct_lightning.modules.handoff import CheckpointError, find_latest_checkpoint
 
 log = logging.getLogger(__name__)
@@ -78,16 +79,15 @@ def check_config(cfg: DictConfig) -> list[str]:
 
 
 def write_run_info(run_dir: Path, cfg: DictConfig, split_hash: str | None) -> None:
-    """Write the resolved config, git commit and data split hash beside the run's outputs."""
+    """Write the resolved config, git commit and data split hash beside the run's outputs (rank 0 only)."""
+    if rank_zero_only.rank != 0:  # DDP: every rank runs this script; one writes the run's files
+        return
     info = {
         "git_commit": git_commit(Path(__file__).resolve().parent),
         "split_inputs_hash": split_hash,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / ".run_info.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(info, sort_keys=False))
-    os.replace(tmp, run_dir / "run_info.yaml")
+    write_yaml_atomic(info, run_dir / "run_info.yaml")
 
 
 def build_loggers(cfg: DictConfig, stage_dir: Path, stage: str, resuming: bool = False) -> list[Any]:
@@ -275,9 +275,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             log.info("stage second: generator from %s", init or "random initialisation")
         summary[stage] = train_stage(cfg, stage, run_dir, init)
         write_run_info(run_dir, cfg, summary[stage]["split_inputs_hash"])
-    tmp = run_dir / ".summary.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(summary, sort_keys=False))
-    os.replace(tmp, run_dir / "summary.yaml")
+    if rank_zero_only.rank == 0:
+        write_yaml_atomic(summary, run_dir / "summary.yaml")
     return summary
 
 
@@ -287,9 +286,11 @@ def _user_error(exc: BaseException) -> BaseException | None:
     from ldct_lightning.data.datamodule import DataConfigError
     from ldct_lightning.data.dicom import DicomError
     from ldct_lightning.data.pairing import PairingError
+    from ldct_lightning.privacy import PrivacyError
 
     expected = (
         DicomError,
+        PrivacyError,
         PairingError,
         DataConfigError,
         ConfigError,

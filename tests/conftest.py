@@ -176,3 +176,20 @@ def lightning_run(tmp_path: Path, _lightning_cache: dict) -> Callable[..., Train
         return TrainedRun(ckpt, generator)
 
     return _make
+
+
+@pytest.fixture(autouse=True)
+def _offline_torch_hub(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Tests never download: an empty torch hub folder (TORCH_HOME) and a download that fails as offline."""
+    import urllib.error
+
+    import torch
+
+    home = tmp_path_factory.mktemp("torch-home")
+    monkeypatch.setenv("TORCH_HOME", str(home))
+
+    def offline(url: str, *args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("tests run offline")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    return home

@@ -44,7 +44,7 @@ def write_dataset(
             z[role] = np.arange(N_SLICES) * 1.25 + dz
             spec = CTSeriesSpec(patient_id=pid, ctdi_vol=ctdi, series_description=role)
             write_ct_series(volume, spec, z[role], root / subdir / pid / role)
-        key = hash_identifier(pid)
+        key = hash_identifier(pid, root)
         if truth:
             (root / "truth").mkdir(exist_ok=True)
             np.savez(

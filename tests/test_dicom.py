@@ -69,12 +69,12 @@ def test_groups_by_series_uid_and_reads_metadata(write_series, tmp_path):
     assert len(series) == 3
     by_key = {s.series_key: s for s in series}
     for written in (a, b, c):
-        s = by_key[hash_identifier(written.spec.series_uid)]
+        s = by_key[hash_identifier(written.spec.series_uid, tmp_path / "mixed")]
         assert set(s.files) == set(written.paths)
         assert s.series_uid == written.spec.series_uid and s.series_uid not in repr(s)
-        assert s.patient_key == hash_identifier(written.spec.patient_id)
+        assert s.patient_key == hash_identifier(written.spec.patient_id, tmp_path / "mixed")
         assert s.n_slices == len(written.paths) and (s.rows, s.cols) == (8, 8) and s.modality == "CT"
-    s = by_key[hash_identifier(a.spec.series_uid)]
+    s = by_key[hash_identifier(a.spec.series_uid, tmp_path / "mixed")]
     assert s.pixel_spacing_mm == (0.6, 0.65) and s.slice_thickness_mm == 2.0 and s.kvp == 100.0
     assert s.ctdi_vol == 1.5 and s.tube_current_ma == 40.0 and s.exposure_mas == 20.0  # 40 mA * 0.5 s
     assert s.series_description == "low dose"
@@ -220,7 +220,7 @@ def test_non_ct_modality_fails_or_is_skipped(write_series, tmp_path):
     _assert_clean(str(err.value), mr)
     with pytest.warns(UserWarning, match="modality MR"):
         series = scan_dicom_folder(tmp_path / "data", allow_non_ct=True)
-    assert [s.series_key for s in series] == [hash_identifier(ct.spec.series_uid)]
+    assert [s.series_key for s in series] == [hash_identifier(ct.spec.series_uid, tmp_path / "data")]
 
 
 @pytest.mark.parametrize(
@@ -235,7 +235,7 @@ def test_inconsistent_series_fails_naming_series_and_file(write_series, tmp_path
     with pytest.raises(DicomError, match=problem) as err:
         scan_dicom_folder(tmp_path / "data")
     message = str(err.value)
-    assert hash_identifier(uid) in message
+    assert hash_identifier(uid, tmp_path / "data") in message
     assert any(str(p) in message for p in first.paths + other.paths)
     _assert_clean(message, first)
 
@@ -270,4 +270,4 @@ def test_localizer_images_are_skipped(write_series, tmp_path):
     write_series("data", n_slices=1, extra={"ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]})
     with pytest.warns(UserWarning, match="localizer"):
         series = scan_dicom_folder(tmp_path / "data")
-    assert [s.series_key for s in series] == [hash_identifier(axial.spec.series_uid)]
+    assert [s.series_key for s in series] == [hash_identifier(axial.spec.series_uid, tmp_path / "data")]

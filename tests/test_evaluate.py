@@ -53,7 +53,7 @@ def write_dataset(root: Path, seed: int = 0) -> None:
             write_ct_series(np.round(volume), spec, z, root / "dicom" / pid / role)
         (root / "truth").mkdir(exist_ok=True)
         np.savez(
-            root / "truth" / f"{hash_identifier(pid)}.npz",
+            root / "truth" / f"{hash_identifier(pid, root)}.npz",
             clean_ld=np.repeat(clean[None], N_SLICES, 0).astype(np.float32),
             labels_ld=np.repeat(labels[None], N_SLICES, 0),
             z_ld=z_ld,

@@ -19,9 +19,10 @@ from ldct_lightning.data.pairing import (
     load_or_create_split,
     make_split,
 )
-from ldct_lightning.privacy import hash_identifier
+from ldct_lightning.privacy import Pseudonymizer
 
 SECRET = "SECRET-ID-4711"
+_key = Pseudonymizer(bytes(range(32))).key  # the keys of the hand-made SeriesInfo objects
 
 
 def make_series(
@@ -35,7 +36,7 @@ def make_series(
 ) -> SeriesInfo:
     """A SeriesInfo whose files exist (the inputs hash reads their sizes); no DICOM needed for pairing."""
     uid = generate_uid()
-    folder = root / patient / hash_identifier(uid)
+    folder = root / patient / _key(uid)
     folder.mkdir(parents=True)
     files = []
     for i in range(n_files):
@@ -43,8 +44,8 @@ def make_series(
         files[-1].write_bytes(b"x" * (100 + i))
     return SeriesInfo(
         series_uid=uid,
-        series_key=hash_identifier(uid),
-        patient_key=hash_identifier(patient),
+        series_key=_key(uid),
+        patient_key=_key(patient),
         modality="CT",
         files=tuple(files),
         positions_mm=tuple(1.25 * i for i in range(n_files)),
@@ -77,10 +78,10 @@ def test_roles_from_ctdivol(tmp_path):
     ld_a, nd_a = _pair(tmp_path, "A")
     ld_b, nd_b = _pair(tmp_path, "B")
     studies = build_studies([nd_a, ld_b, ld_a, nd_b])
-    assert [s.patient_key for s in studies] == sorted([hash_identifier("A"), hash_identifier("B")])
+    assert [s.patient_key for s in studies] == sorted([_key("A"), _key("B")])
     by_patient = {s.patient_key: s for s in studies}
-    assert by_patient[hash_identifier("A")] == Study(hash_identifier("A"), ld_a, nd_a, aligned=False)
-    assert by_patient[hash_identifier("B")] == Study(hash_identifier("B"), ld_b, nd_b, aligned=False)
+    assert by_patient[_key("A")] == Study(_key("A"), ld_a, nd_a, aligned=False)
+    assert by_patient[_key("B")] == Study(_key("B"), ld_b, nd_b, aligned=False)
     assert all(s.aligned for s in build_studies([ld_a, nd_a], aligned=True))
 
 
@@ -102,7 +103,7 @@ def test_dose_pairing_errors_are_clear(tmp_path):
     ld, nd = make_series(tmp_path, SECRET, ctdi=10.0), make_series(tmp_path, SECRET, ctdi=12.0)
     with pytest.raises(PairingError, match=r"too close.*ratio 1.20 < 1.5.*manifest") as err:
         build_studies([ld, nd])
-    assert hash_identifier(SECRET) in str(err.value)
+    assert _key(SECRET) in str(err.value)
     _assert_clean(str(err.value), ld, nd)
     assert build_studies([ld, nd], min_dose_ratio=1.1)[0].ldct is ld
 
@@ -121,10 +122,10 @@ def test_dose_pairing_errors_are_clear(tmp_path):
 def test_single_series_patients_are_skipped(tmp_path):
     ld, nd = _pair(tmp_path, "A")
     lonely = make_series(tmp_path, SECRET, ctdi=3.0)
-    with pytest.warns(UserWarning, match=hash_identifier(SECRET)) as record:
+    with pytest.warns(UserWarning, match=_key(SECRET)) as record:
         studies = build_studies([ld, lonely, nd])
     assert SECRET not in str(record[0].message)
-    assert [s.patient_key for s in studies] == [hash_identifier("A")]
+    assert [s.patient_key for s in studies] == [_key("A")]
     with pytest.raises(PairingError, match="no patient has both"), pytest.warns(UserWarning):
         build_studies([lonely])
 
@@ -144,8 +145,8 @@ def test_csv_manifest_by_series_uid(tmp_path):
         f"{ld_b.series_uid},LDCT,\n{nd_b.series_uid},ndct,\n"
     )
     studies = {s.patient_key: s for s in build_studies([ld_a, nd_a, extra, ld_b, nd_b], manifest=manifest)}
-    assert studies[hash_identifier("A")] == Study(hash_identifier("A"), nd_a, ld_a, aligned=True)
-    assert studies[hash_identifier("B")] == Study(hash_identifier("B"), ld_b, nd_b, aligned=False)
+    assert studies[_key("A")] == Study(_key("A"), nd_a, ld_a, aligned=True)
+    assert studies[_key("B")] == Study(_key("B"), ld_b, nd_b, aligned=False)
 
 
 def test_yaml_manifest_by_relative_path(tmp_path):

@@ -24,7 +24,7 @@ import matplotlib.text
 import pydicom
 import pytest
 
-from ldct_lightning.privacy import hash_identifier
+from ldct_lightning.privacy import KEY_FILE_NAME, hash_identifier
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,7 @@ def plant_phi(source: Path, dest: Path) -> list[str]:
     """
     for name in ("dicom", "truth"):
         shutil.copytree(source / name, dest / name)
-    for name in ("manifest.csv", "labels.json"):
+    for name in ("manifest.csv", "labels.json", KEY_FILE_NAME):  # the key travels with the data
         shutil.copy2(source / name, dest / name)
     new_ids: dict[str, str] = {}
     uids: set[str] = set()
@@ -72,8 +72,8 @@ def plant_phi(source: Path, dest: Path) -> list[str]:
         uids.update(str(ds.get(k)) for k in UID_KEYWORDS if ds.get(k))
         ds.save_as(path)
     for old, new in new_ids.items():  # truth files are named by the hashed PatientID
-        (dest / "truth" / f"{hash_identifier(old)}.npz").rename(
-            dest / "truth" / f"{hash_identifier(new)}.npz"
+        (dest / "truth" / f"{hash_identifier(old, dest)}.npz").rename(
+            dest / "truth" / f"{hash_identifier(new, dest)}.npz"
         )
     return sorted(uids)
 
@@ -151,7 +151,8 @@ def test_no_phi_in_anything_written(
     data = tmp_path / "phi-data"
     uids = plant_phi(tiny_dataset, data)
     inputs = {p for p in data.rglob("*")}
-    needles = [*PHI_STRINGS, *uids]
+    secret = (data / KEY_FILE_NAME).read_text().strip()  # the pseudonym secret must not leave its file either
+    needles = [*PHI_STRINGS, *uids, secret]
     assert len(uids) > 20
     # the planted tags are really there
     first = pydicom.dcmread(next(p for p in (data / "dicom").rglob("*") if p.is_file()))

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -439,17 +440,38 @@ def _no_pixels(root: Path) -> Path:
         (_mixed_sizes, "mixes matrix sizes"),
     ],
 )
-def test_datamodule_names_the_broken_file(damage, problem: str, tmp_path: Path) -> None:
+def test_datamodule_strict_names_the_broken_file(damage, problem: str, tmp_path: Path) -> None:
     root = tmp_path / "data"
     write_dataset(root)
     broken = damage(root)
-    dm = make_dm(root, tmp_path)
+    dm = make_dm(root, tmp_path, strict=True)
     with pytest.raises(DicomError) as info:
         dm.setup("fit")
     message = str(info.value)
     assert message.startswith(f"{broken}:") and problem in message and "\n" not in message
     # nothing half-written: the cache holds no temporary or partial volume
     assert not [p for p in (tmp_path / "cache").rglob("*.tmp")]
+
+
+@pytest.mark.parametrize(
+    ("damage", "patients_left"),
+    [(_truncate_pixels, 3), (_no_pixels, 3), (_truncate_header, 4), (_non_ct, 4), (_mixed_sizes, 3)],
+)
+def test_datamodule_skips_the_broken_file_with_one_warning(
+    damage, patients_left: int, tmp_path: Path
+) -> None:
+    root = tmp_path / "data"
+    write_dataset(root)
+    broken = damage(root)
+    dm = make_dm(root, tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dm.setup("fit")
+    naming = [str(w.message) for w in caught if str(broken) in str(w.message)]
+    assert len(naming) == 1 and "data.strict=true" in naming[0], [str(w.message) for w in caught]
+    assert len(dm.studies) == patients_left
+    assert all(broken not in s.ldct.files + s.ndct.files for s in dm.studies)
+    assert next(iter(dm.train_dataloader()))["input"].shape[0] == 4
 
 
 def test_datamodule_skips_a_non_dicom_file_named_dcm(tmp_path: Path) -> None:
@@ -540,7 +562,7 @@ def test_train_py_reports_bad_input_in_one_line(tiny_dataset: Path, tmp_path: Pa
     cases = {
         "empty": ([f"data.root={empty}"], f"{empty}: no DICOM CT image found"),
         "broken": (
-            [f"data.root={broken}", "data.n_val=1", "data.n_test=1"],
+            [f"data.root={broken}", "data.n_val=1", "data.n_test=1", "data.strict=true"],
             f"{bad_file}: the DICOM header lacks",
         ),
         "existing": ([f"data.root={tiny_dataset}", f"hydra.run.dir={existing}"], "already holds checkpoints"),

@@ -52,6 +52,7 @@ def test_layout_manifest_and_labels(dataset: dict, tmp_path: Path) -> None:
     root = tmp_path / "fresh"
     generate_dataset(root, PRESETS["tiny"], progress=False)
     assert sorted(p.name for p in root.iterdir()) == [
+        ".ldct-pseudonym.key",  # the secret of the keys (ldct_lightning.privacy)
         "dicom",
         "labels.json",
         "manifest.csv",
@@ -91,7 +92,7 @@ def test_dicom_tags_and_truth_match_series(dataset: dict) -> None:
         assert 1.0 <= float(ld[0].CTDIvol) <= 2.0 and 20 <= int(ld[0].XRayTubeCurrent) <= 80
         assert 6.0 <= float(nd[0].CTDIvol) <= 20.0 and 150 <= int(nd[0].XRayTubeCurrent) <= 500
         assert ld[0].StudyInstanceUID != nd[0].StudyInstanceUID  # different days
-        truth = np.load(root / "truth" / f"{hash_identifier(patient_id)}.npz")
+        truth = np.load(root / "truth" / f"{hash_identifier(patient_id, root)}.npz")
         assert truth["clean_ld"].shape == truth["labels_ld"].shape == _hu(ld).shape
         assert (
             truth["clean_nd"].shape == truth["labels_nd"].shape == truth["lowdose_nd"].shape == _hu(nd).shape
@@ -175,7 +176,7 @@ def test_noise_is_spatially_correlated(dataset: dict) -> None:
     for uid, files in dataset["series"].items():
         if dataset["manifest"][uid]["role"] != "ldct":
             continue
-        truth = np.load(root / "truth" / f"{hash_identifier(files[0].PatientID)}.npz")
+        truth = np.load(root / "truth" / f"{hash_identifier(files[0].PatientID, root)}.npz")
         noise = _hu(files) - truth["clean_ld"]
         body = truth["labels_ld"] > 0
         body[:, :, :-1] &= body[:, :, 1:]

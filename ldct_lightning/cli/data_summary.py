@@ -1,9 +1,11 @@
 """`ldct-data-summary ROOT`: read a data set the way training does and print what is in it.
 
-Scans the DICOM tree, pairs LDCT/NDCT series per patient, writes or checks the patient split, builds the
-cache, and prints one row per series (split, hashed patient and series keys, dose tags, slices) with the
+Scans the DICOM tree, pairs LDCT/NDCT series per patient, reads the patient split (or shows the one
+training would make, without writing it: its parameters are the data config's, ``conf/data/dicom.yaml`` or
+``synthetic.yaml``), builds the cache, and prints one row per series (split, hashed patient and series keys, dose tags, slices) with the
 noise SD estimated from the images (flat soft tissue, :func:`ldct_lightning.data.noise.estimate_noise_sd_hu`).
-For the synthetic set it also prints the noise measured against the noiseless truth (``summary.json``).
+For the synthetic set it also prints the noise measured against the noiseless truth (``summary.json``). Bad files are skipped with one warning each, and the exit code is
+then 2; ``--strict`` stops at the first.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from ldct_lightning.data.datamodule import DataConfigError, LDCTDataModule
 from ldct_lightning.data.dicom import DicomError
 from ldct_lightning.data.noise import estimate_noise_sd_hu
 from ldct_lightning.data.pairing import PairingError
+from ldct_lightning.data.split_defaults import data_config_kind, data_split_defaults, split_params
 
 
 def estimated_noise_table(dm: LDCTDataModule) -> list[str]:
@@ -45,33 +49,76 @@ def synthetic_noise_lines(root: Path) -> list[str]:
     return lines
 
 
+def _split_line(dm: LDCTDataModule, existed: bool, kind: str) -> str:
+    if existed:
+        return f"split: read from {dm.split_file}"
+    return (
+        f"split: none yet at {dm.split_file}; shown is the one `train.py data={kind}` makes there "
+        f"(n_val {dm.n_val}, n_test {dm.n_test}, seed {dm.split_seed}); nothing was written"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="ldct-data-summary",
-        description="Read an LDCT/NDCT DICOM data set (or the synthetic set) as training does and summarise it.",
+        description="Read an LDCT/NDCT DICOM data set (or the synthetic set) as training does and summarise it. "
+        "It reads an existing split and never writes one.",
     )
     parser.add_argument("root", type=Path, help="data folder (a DICOM tree or an ldct-simulate output)")
     parser.add_argument("--manifest", type=Path, default=None, help="CSV/YAML with each series' role")
-    parser.add_argument("--n-val", type=float, default=2, help="validation patients (count or fraction)")
-    parser.add_argument("--n-test", type=float, default=2, help="test patients (count or fraction)")
+    parser.add_argument(
+        "--n-val",
+        type=float,
+        default=None,
+        help="validation patients (count or fraction; default: the split file's, else the data config's)",
+    )
+    parser.add_argument("--n-test", type=float, default=None, help="test patients (count or fraction)")
+    parser.add_argument("--strict", action="store_true", help="stop at the first bad file or series")
     args = parser.parse_args(argv)
-    as_count = [int(v) if float(v).is_integer() and v >= 1 else v for v in (args.n_val, args.n_test)]
-    try:
-        dm = LDCTDataModule(
-            args.root, manifest=args.manifest, n_val=as_count[0], n_test=as_count[1], progress=True
-        )
-        print(dm.summary())
-        print()
-        print("noise SD estimated from the images (flat soft tissue):")
-        print("\n".join(estimated_noise_table(dm)))
-    except (DataConfigError, DicomError, PairingError, ValueError) as exc:
-        print(f"ldct-data-summary: error: {exc}", file=sys.stderr)
-        return 2
+    kind = data_config_kind(args.root)
+    split_file = args.root / "split.yaml"
+    params = split_params(split_file, data_split_defaults(kind), args.n_val, args.n_test)
+    existed = split_file.is_file()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            dm = LDCTDataModule(
+                args.root,
+                manifest=args.manifest,
+                split_file=split_file,
+                write_split=False,
+                strict=args.strict,
+                progress=True,
+                **params,
+            )
+            print(dm.summary())
+            print(_split_line(dm, existed, kind))
+            print()
+            print("noise SD estimated from the images (flat soft tissue):")
+            print("\n".join(estimated_noise_table(dm)))
+        except (DataConfigError, DicomError, PairingError, ValueError) as exc:
+            _print_warnings(caught)
+            print(f"ldct-data-summary: error: {exc}", file=sys.stderr)
+            return 2
+    _print_warnings(caught)
     print("\n".join(synthetic_noise_lines(args.root)))
     overview = args.root / "overview.png"
     if overview.is_file():
         print(f"\noverview figure: {overview}")
+    if dm.skipped:
+        print(
+            f"ldct-data-summary: error: {len(dm.skipped)} file(s) or series skipped (named in the warnings "
+            "above); --strict stops at the first",
+            file=sys.stderr,
+        )
+        return 2
     return 0
+
+
+def _print_warnings(caught: list[warnings.WarningMessage]) -> None:
+    """Warnings as one line each (they are for users, not developers)."""
+    for w in caught:
+        print(f"ldct-data-summary: warning: {w.message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

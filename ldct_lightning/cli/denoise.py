@@ -1,13 +1,18 @@
-"""``ldct-denoise INPUT OUTPUT --checkpoint C``: every CT series under INPUT becomes a denoised DICOM series.
+"""``ldct-denoise INPUT [INPUT ...] OUTPUT --checkpoint C``: every CT series in the inputs becomes a denoised series.
 
-Each output series lands in ``OUTPUT/<series_key>/`` (a hashed SeriesInstanceUID, never a patient name) as a copy
+An INPUT is a DICOM file or a folder tree. Files that are no CT image or are broken (truncated, zero bytes,
+other modalities, ...) and series that cannot be read are skipped, each named once in the summary at the
+end; every readable CT series is denoised. ``--strict`` stops at the first bad file instead.
+
+Each output series lands in ``OUTPUT/<series_key>/`` (a keyed hash of the SeriesInstanceUID under the secret
+of the first INPUT folder, as training and evaluation on that folder name it; never a patient name) as a copy
 of the source files with new Series/SOP Instance UIDs, ImageType ``DERIVED\\SECONDARY``, the description
 suffixed, a DerivationDescription and a SourceImageSequence, geometry and all other tags kept. Pixel data go back
 through the inverse modality LUT of each source file and are written uncompressed (Explicit VR Little Endian).
 A series is written into a hidden temporary folder and renamed when complete, so an interrupted run leaves no
 half-written series behind.
 
-Exit codes: 0 all series denoised, 2 bad input or a series that could not be denoised, 130 interrupted.
+Exit codes: 0 all series denoised and no file skipped, 2 bad input or anything skipped, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -29,10 +34,11 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from tqdm import tqdm
 
 from ldct_lightning import __version__
-from ldct_lightning.data.dicom import DicomError, SeriesInfo, read_series_hu, scan_dicom_folder
+from ldct_lightning.data.dicom import DicomError, SeriesInfo, SkippedFile, read_series_hu, scan_dicom
 from ldct_lightning.data.dicom_write import hu_to_stored, save_atomic
 from ldct_lightning.inference import Denoiser, InferenceError, load_generator_config
 from ldct_lightning.modules.handoff import CheckpointError
+from ldct_lightning.privacy import PrivacyError
 
 PROG = "ldct-denoise"
 
@@ -57,16 +63,20 @@ class SeriesResult:
     n_slices: int
     folder: Path | None = None
     reason: str | None = None
+    problem: str | None = None  # the reason without the file name
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     p = argparse.ArgumentParser(
         prog=PROG,
-        description="Denoise every CT series under INPUT with a trained generator and write new DICOM series "
-        "to OUTPUT/<series_key>/ (hashed folder names).",
+        description="Denoise every CT series in the inputs (DICOM files or folder trees) with a trained generator "
+        "and write new DICOM series to OUTPUT/<series_key>/ (hashed folder names). Bad files are skipped and "
+        "listed at the end (exit code 2).",
     )
-    p.add_argument("input", type=Path, metavar="INPUT", help="folder tree with the DICOM CT series")
+    p.add_argument(
+        "inputs", type=Path, nargs="+", metavar="INPUT", help="DICOM file or folder tree with CT series"
+    )
     p.add_argument("output", type=Path, metavar="OUTPUT", help="folder for the denoised series")
     p.add_argument("--checkpoint", "-c", type=Path, required=True, help="Lightning checkpoint (.ckpt)")
     p.add_argument(
@@ -90,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--suffix", default=" denoised", help="appended to SeriesDescription (default: ' denoised')"
     )
     p.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first bad file or series instead of skipping it",
+    )
+    p.add_argument(
         "--overwrite",
         action="store_true",
         help="allow a non-empty OUTPUT and replace series folders that already exist there",
@@ -97,20 +112,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_paths(input_dir: Path, output_dir: Path, overwrite: bool) -> None:
-    """Fail early and clearly on unusable INPUT/OUTPUT folders."""
-    if not input_dir.is_dir():
-        raise DenoiseCLIError(f"{input_dir}: INPUT is not a folder. Give the folder that holds the CT series")
-    if not any(p.is_file() for p in input_dir.rglob("*")):
-        raise DenoiseCLIError(f"{input_dir}: INPUT holds no file. Give the folder that holds the CT series")
+def _check_paths(inputs: Sequence[Path], output_dir: Path, overwrite: bool) -> None:
+    """Fail early and clearly on unusable INPUT paths and OUTPUT folder."""
+    out = output_dir.resolve()
+    for item in inputs:
+        if not item.exists():
+            raise DenoiseCLIError(f"{item}: no such INPUT. Give DICOM files or the folders that hold them")
+        if item.is_dir() and not any(p.is_file() for p in item.rglob("*")):
+            raise DenoiseCLIError(f"{item}: INPUT holds no file. Give the folder that holds the CT series")
+        inp = item.resolve()
+        if item.is_dir() and (out == inp or inp in out.parents):
+            raise DenoiseCLIError(
+                f"{output_dir}: OUTPUT lies inside INPUT {item}, so later scans of INPUT would find the "
+                "denoised series. Give an OUTPUT outside INPUT"
+            )
+        if out in inp.parents:
+            raise DenoiseCLIError(f"{item}: INPUT lies inside OUTPUT. Give an OUTPUT outside the inputs")
     if output_dir.exists() and not output_dir.is_dir():
         raise DenoiseCLIError(f"{output_dir}: OUTPUT exists and is not a folder. Give a new or empty folder")
-    inp, out = input_dir.resolve(), output_dir.resolve()
-    if out == inp or inp in out.parents:
-        raise DenoiseCLIError(
-            f"{output_dir}: OUTPUT lies inside INPUT, so later scans of INPUT would find the denoised series. "
-            "Give an OUTPUT outside INPUT"
-        )
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
         raise DenoiseCLIError(
             f"{output_dir}: OUTPUT exists and is not empty. Give a new or empty folder, or pass --overwrite"
@@ -145,7 +164,7 @@ def _check_writable(path: Path, ds: Dataset) -> None:
     if float(ds.get("RescaleSlope", 1) or 1) == 0:
         problems.append("RescaleSlope 0")
     if problems:
-        raise DicomError(f"{path}: cannot write this pixel encoding back: {'; '.join(problems)}")
+        raise DicomError(f"{path}: cannot write this pixel encoding back: {'; '.join(problems)}", path=path)
 
 
 def derived_dataset(
@@ -175,7 +194,9 @@ def derived_dataset(
     try:
         ds = pydicom.dcmread(source, stop_before_pixels=True)  # the pixels are replaced anyway
     except Exception as e:  # any parse failure of a file the scan accepted means it changed or is corrupt
-        raise DicomError(f"{source}: cannot re-read the DICOM file ({type(e).__name__}). Re-export it") from e
+        raise DicomError(
+            f"{source}: cannot re-read the DICOM file ({type(e).__name__}). Re-export it", path=source
+        ) from e
     _check_writable(source, ds)
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
@@ -271,21 +292,43 @@ def denoise_one_series(
     return final
 
 
-def _print_summary(results: Sequence[SeriesResult], output_dir: Path) -> None:
+def _print_summary(
+    results: Sequence[SeriesResult], skipped_files: Sequence[SkippedFile], output_dir: Path
+) -> None:
+    """Every series (done or skipped) and every skipped file, one line each."""
     done = [r for r in results if r.folder is not None]
-    skipped = [r for r in results if r.folder is None]
+    failed = [r for r in results if r.folder is None]
     print(
-        f"{PROG}: {len(results)} series found, {len(done)} denoised, {len(skipped)} skipped -> {output_dir}"
+        f"{PROG}: {len(results)} series found, {len(done)} denoised, {len(failed)} skipped, "
+        f"{len(skipped_files)} file(s) skipped -> {output_dir}"
     )
     for r in done:
         print(f"  done     {r.series_key}  {r.n_slices} slices  {r.folder.name}/")
-    for r in skipped:
-        print(f"  skipped  {r.series_key}  {r.reason}")
+    for r in failed:
+        print(f"  skipped  series {r.series_key}: {r.reason}")
+    for item in skipped_files:
+        print(f"  skipped  {item.message}")
+
+
+def _failure_line(
+    results: Sequence[SeriesResult], skipped_files: Sequence[SkippedFile], n_files: int
+) -> str | None:
+    """The one error line when anything was skipped (counts and the first problem), else None."""
+    failed = [r for r in results if r.folder is None]
+    parts = []
+    if failed:
+        parts.append(f"{len(failed)} of {len(results)} series not denoised")
+    if skipped_files:
+        parts.append(f"{len(skipped_files)} of {n_files} file(s) skipped")
+    if not parts:
+        return None
+    first = failed[0].problem if failed else skipped_files[0].problem
+    return f"{', '.join(parts)} (listed above); first: {first}"
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the command; raises the errors that :func:`main` turns into one line and exit code 2."""
-    _check_paths(args.input, args.output, args.overwrite)
+    _check_paths(args.inputs, args.output, args.overwrite)
     generator_kwargs = load_generator_config(args.generator_config) if args.generator_config else None
     denoiser = Denoiser.from_checkpoint(
         args.checkpoint,
@@ -296,16 +339,17 @@ def run(args: argparse.Namespace) -> int:
         overlap=args.overlap,
         batch_size=args.batch_size,
     )
-    series_list = scan_dicom_folder(args.input, allow_non_ct=True)
+    # series keys under the secret of the first input's data root: the same keys as training and evaluation
+    scan = scan_dicom(args.inputs, allow_non_ct=True, strict=args.strict)
     derivation = (
         f"Denoised with ldct-lightning {__version__} (two-stage LDCT denoising after Hu et al. 2024), "
         f"checkpoint sha256 {_file_sha256(args.checkpoint)}"
     )
     args.output.mkdir(parents=True, exist_ok=True)
     results = []
-    total = sum(s.n_slices for s in series_list)
+    total = sum(s.n_slices for s in scan.series)
     with tqdm(total=total, desc="denoise", unit="slice", disable=None, file=sys.stderr) as pbar:
-        for series in series_list:
+        for series in scan.series:
             pbar.set_postfix_str(series.series_key)
             result = SeriesResult(series.series_key, series.n_slices)
             try:
@@ -313,15 +357,14 @@ def run(args: argparse.Namespace) -> int:
                     series, denoiser, args.output, args.suffix, derivation, pbar
                 )
             except DicomError as e:
-                result.reason = str(e)
+                if args.strict:
+                    raise
+                result.reason, result.problem = str(e), e.problem
             results.append(result)
-    _print_summary(results, args.output)
-    skipped = [r for r in results if r.folder is None]
-    if skipped:
-        print(
-            f"{PROG}: error: {len(skipped)} of {len(results)} series not denoised; first: {skipped[0].reason}",
-            file=sys.stderr,
-        )
+    _print_summary(results, scan.skipped, args.output)
+    failure = _failure_line(results, scan.skipped, scan.n_files)
+    if failure is not None:
+        print(f"{PROG}: error: {failure}", file=sys.stderr)
         return 2
     return 0
 
@@ -345,14 +388,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: arguments (default: ``sys.argv[1:]``).
 
     Returns:
-        The exit code: 0 success, 2 bad input or a series not denoised, 130 interrupted.
+        The exit code: 0 success, 2 bad input or anything skipped, 130 interrupted.
     """
     args = build_parser().parse_args(argv)
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
             return run(args)
-        except (DicomError, CheckpointError, InferenceError, DenoiseCLIError) as e:
+        except (DicomError, CheckpointError, InferenceError, DenoiseCLIError, PrivacyError) as e:
             print(f"{PROG}: error: {e}", file=sys.stderr)
             return 2
         except OSError as e:  # permissions, disk full: the message names the path

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from ldct_lightning.data.split_defaults import data_config_kind, data_split_defaults, split_params
+
 PROG = "ldct-evaluate"
 
 EPILOG = """\
@@ -149,7 +151,6 @@ def sweep_methods(sweep: Path) -> dict[str, Path]:
     ``proposed`` that trained both stages also gives the ``firstStep`` row (its stage-1 best checkpoint) unless
     the sweep has its own ``firstStep`` job.
     """
-    import yaml
 
     jobs = sorted(p for p in sweep.glob("*/summary.yaml"))
     if not jobs:
@@ -178,23 +179,10 @@ def sweep_methods(sweep: Path) -> dict[str, Path]:
 def _split_params(args: argparse.Namespace) -> dict[str, object]:
     """Split parameters: given ones, else those stored in an existing split file, else the data config's."""
     split_file = args.split_file or args.data / "split.yaml"
-    stored: dict = {}
-    if split_file.is_file():
-        try:
-            stored = (yaml.safe_load(split_file.read_text()) or {}).get("params", {}) or {}
-        except (yaml.YAMLError, AttributeError):
-            stored = {}
-
-    def pick(value: float | None, key: str, count_key: str, default: object) -> object:
-        if value is not None:
-            return int(value) if float(value).is_integer() else value
-        return stored.get(key, stored.get(count_key, default))
-
+    defaults = data_split_defaults(data_config_kind(args.data))
     return {
         "split_file": split_file,
-        "n_val": pick(args.n_val, "n_val", "n_val_count", 2),  # conf/data/synthetic.yaml's defaults
-        "n_test": pick(args.n_test, "n_test", "n_test_count", 2),
-        "split_seed": args.split_seed if args.split_seed is not None else stored.get("seed", 0),
+        **split_params(split_file, defaults, args.n_val, args.n_test, args.split_seed),
     }
 
 

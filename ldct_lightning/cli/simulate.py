@@ -12,7 +12,7 @@ from ldct_lightning.data.synthetic import PRESETS, SyntheticConfig, generate_dat
 EPILOG = """
 presets:
   tiny   3 patients x 4 slices, 64x64 at 5.6 mm (tests, seconds)
-  demo   10 patients x 10 slices, 256x256 at 1.4 mm (about a minute on 2 CPU cores)
+  demo   11 patients x 10 slices, 256x256 at 1.4 mm (about a minute on 2 CPU cores)
   bench  16 patients x 24 slices, 512x512 at 0.7 mm (benchmarks, tens of minutes on a CPU, ~2 GB RAM)
 
 output (OUT):

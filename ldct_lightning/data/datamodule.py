@@ -28,7 +28,7 @@ from ldct_lightning.data.datasets import (
     SliceDataset,
     UnalignedDataset,
 )
-from ldct_lightning.data.dicom import SeriesInfo, scan_dicom_folder
+from ldct_lightning.data.dicom import DicomError, SeriesInfo, SkippedFile, scan_dicom
 from ldct_lightning.data.noise import (
     GaussianNoise,
     ProjectionNoise,
@@ -38,6 +38,7 @@ from ldct_lightning.data.noise import (
 )
 from ldct_lightning.data.normalize import HU_MAX, HU_MIN
 from ldct_lightning.data.pairing import Split, Study, build_studies, load_or_create_split
+from ldct_lightning.privacy import KEY_FILE_NAME
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,10 @@ class LDCTDataModule(L.LightningDataModule):
         train_ldct: low-dose images of the training patients: ``series`` (the LDCT DICOM series) or
             ``truth`` (synthetic data only: the truth file's low-dose scan in the NDCT pose, ``lowdose_nd``,
             pixel-aligned with the NDCT, for the aligned-data oracle; validation and test keep the series).
+        write_split: write the split file when there is none (False: use the split it would write, for
+            tools that only look at the data).
+        strict: stop at the first bad file or series. Default: skip each with one warning naming it (files
+            that are no CT image or are broken; a patient whose series cannot be decoded leaves the data set).
 
     Raises:
         DataConfigError: a config value is invalid (raised at construction, or at setup when it depends on
@@ -122,7 +127,7 @@ class LDCTDataModule(L.LightningDataModule):
         aligned: bool = False,
         split_file: str | Path | None = None,
         n_val: int | float = 0.1,
-        n_test: int | float = 0.2,
+        n_test: int | float = 0.28,
         split_seed: int = 0,
         train_mode: str = "simulated",
         crop_size: int = 128,
@@ -141,6 +146,8 @@ class LDCTDataModule(L.LightningDataModule):
         xy_jitter: int = 16,
         progress: bool = False,
         train_ldct: str = "series",
+        write_split: bool = True,
+        strict: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -167,8 +174,11 @@ class LDCTDataModule(L.LightningDataModule):
         self.z_tolerance_mm, self.xy_jitter = z_tolerance_mm, xy_jitter
         self.progress = progress
         self.train_ldct = train_ldct
+        self.strict = bool(strict)
+        self.write_split = bool(write_split)
         self._check_config()
 
+        self.skipped: list[SkippedFile] = []  # files and series left out (lenient mode)
         self.series: list[SeriesInfo] | None = None
         self.studies: list[Study] | None = None
         self.split: Split | None = None
@@ -274,12 +284,36 @@ class LDCTDataModule(L.LightningDataModule):
             own.append(str(manifest))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            series = scan_dicom_folder(self._dicom_dir(), progress=self.progress)
+            scan = scan_dicom(
+                [self._dicom_dir()], progress=self.progress, strict=self.strict, key_root=self.root
+            )
+        # the cache, split and manifest may live inside the scanned tree: their files are not DICOM
         for w in caught:
-            # the cache, split and manifest may live inside the scanned tree: their files are not DICOM
             if not any(str(w.message).startswith(prefix) for prefix in own):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        return series
+        for item in scan.skipped:
+            if not any(str(item.path).startswith(prefix) for prefix in own):
+                self.skipped.append(item)
+                warnings.warn(f"{item.message} (data.strict=true stops here)", stacklevel=2)
+        return scan.series
+
+    def _readable_studies(self, studies: list[Study]) -> list[Study]:
+        """Cache each study's volumes; lenient mode drops (with a warning) a study whose pixels fail."""
+        assert self.cache is not None
+        kept = []
+        for study in studies:
+            try:
+                self._patients[study.patient_key] = self._load_patient(study)
+            except DicomError as e:
+                if self.strict:
+                    raise
+                self.skipped.append(SkippedFile(e.path or study.ldct.files[0], str(e)))
+                warnings.warn(
+                    f"{e} Patient {study.patient_key} is left out (data.strict=true stops here)", stacklevel=2
+                )
+                continue
+            kept.append(study)
+        return kept
 
     def _prepare(self) -> None:
         """Scan, pair, split and cache (once per instance)."""
@@ -291,16 +325,16 @@ class LDCTDataModule(L.LightningDataModule):
                 "synthetic set first (ldct-simulate <folder> --preset demo)"
             )
         self.series = self._scan()
-        self.studies = build_studies(self.series, self._manifest_path(), self.aligned)
+        self.cache = SeriesCache(self.cache_dir)
+        self.studies = self._readable_studies(build_studies(self.series, self._manifest_path(), self.aligned))
         self.split = load_or_create_split(
-            self.split_file, self.studies, self.n_val, self.n_test, self.split_seed
+            self.split_file, self.studies, self.n_val, self.n_test, self.split_seed, write=self.write_split
         )
         if not self.split.train:
             raise DataConfigError(
                 f"data.n_val={self.n_val!r}, data.n_test={self.n_test!r}: no training patient is left of "
                 f"{len(self.studies)}. Lower n_val/n_test or add patients"
             )
-        self.cache = SeriesCache(self.cache_dir)
         by_key = {s.patient_key: s for s in self.studies}
         keys = [k for part in (self.split.train, self.split.val, self.split.test) for k in part]
         missing = [k for k in keys if k not in by_key]
@@ -309,11 +343,21 @@ class LDCTDataModule(L.LightningDataModule):
                 f"data.split_file={str(self.split_file)!r}: patient {missing[0]} of the split has no study. "
                 "Delete the split file to make a new one"
             )
-        for key in keys:
-            self._patients[key] = self._load_patient(by_key[key])
+        self._check_truth_names()
         if self.train_ldct == "truth":
             for key in self.split.train:
                 self._patients[key] = self._truth_lowdose_patient(self._patients[key])
+
+    def _check_truth_names(self) -> None:
+        """Truth files that match no patient were named under another key (an older data set): say so."""
+        truth = self.root / "truth"
+        names = {p.stem for p in truth.glob("*.npz")} if truth.is_dir() else set()
+        if names and not names & {s.patient_key for s in self.studies}:
+            raise DataConfigError(
+                f"data.root={str(self.root)!r}: no file in {truth} matches a patient key, so they were named "
+                "under another pseudonym key (a data set made before keyed pseudonyms, or a lost "
+                f"{self.root / KEY_FILE_NAME}). Regenerate it: ldct-simulate ROOT --preset ... --overwrite"
+            )
 
     def _load_patient(self, study: Study) -> PatientVolumes:
         assert self.cache is not None

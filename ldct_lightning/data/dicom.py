@@ -2,7 +2,8 @@
 
 Files are found recursively under any name and grouped by SeriesInstanceUID (never by folder or file
 name). Slices are sorted by their position along the slice normal. Identifiers never reach a message in
-clear text: series and patients are named by hashed keys (:func:`ldct_lightning.privacy.hash_identifier`).
+clear text: series and patients are named by keyed hashes under the data root's secret
+(:func:`ldct_lightning.privacy.pseudonymizer`).
 """
 
 from __future__ import annotations
@@ -20,14 +21,28 @@ from pydicom.pixels import apply_modality_lut
 from pydicom.uid import MediaStorageDirectoryStorage
 from tqdm.auto import tqdm
 
-from ldct_lightning.privacy import hash_identifier
+from ldct_lightning.privacy import KEY_FILE_NAME, Pseudonymizer, find_key_root, pseudonymizer
 
 # Slices closer than this along the normal count as the same position (mm).
 _SAME_POSITION_MM = 1e-3
 
 
 class DicomError(ValueError):
-    """A problem with the DICOM input; ``str(e)`` reads ``"<path>: <problem>. <what to do>"``."""
+    """A problem with the DICOM input; ``str(e)`` reads ``"<path>: <problem>. <what to do>"``.
+
+    Args:
+        message: the one-line message.
+        path: the file it names, when one (series-level problems name one of the series' files).
+    """
+
+    def __init__(self, message: str, path: Path | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+    @property
+    def problem(self) -> str:
+        """The message without the leading path (when ``path`` is known)."""
+        return str(self).removeprefix(f"{self.path}: ") if self.path is not None else str(self)
 
 
 @dataclass(frozen=True)
@@ -124,26 +139,19 @@ def _floats(ds: Dataset, keyword: str, n: int) -> tuple[float, ...] | None:
 def _parse_error(path: Path, exc: Exception) -> DicomError:
     return DicomError(
         f"{path}: cannot parse the DICOM file ({type(exc).__name__}: {exc}). "
-        "It is truncated or corrupt: re-export it or remove it from the folder"
+        "It is truncated or corrupt: re-export it or remove it from the folder",
+        path=path,
     )
 
 
 def _read_header(path: Path) -> Dataset | None:
-    """Read a file's header, or return None (with a warning) when it is not a DICOM image file."""
+    """Read a file's header, or return None when it is not a DICOM Part 10 file."""
     if not _has_dicm_marker(path):
-        warnings.warn(
-            f"{path}: not a DICOM file (no 'DICM' marker), skipped. "
-            "Files without the DICOM Part 10 header must be re-exported to be read",
-            stacklevel=3,
-        )
         return None
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
     except Exception as e:  # any parse failure of a file that claims to be DICOM means corruption
         raise _parse_error(path, e) from e
-    if ds.file_meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage:
-        warnings.warn(f"{path}: DICOMDIR index file, skipped", stacklevel=3)
-        return None
     return ds
 
 
@@ -211,7 +219,8 @@ def _check_consistent(key: str, headers: Sequence[_SliceHeader]) -> None:
             continue
         raise DicomError(
             f"{h.path}: series {key} {problem}. A series must be one stack of equal slices: "
-            "re-export it or remove the odd files"
+            "re-export it or remove the odd files",
+            path=h.path,
         )
 
 
@@ -226,7 +235,8 @@ def _slice_positions(key: str, headers: Sequence[_SliceHeader]) -> list[float]:
     if no_instance is not None and len(headers) > 1:
         raise DicomError(
             f"{no_instance.path}: cannot order the slices of series {key}: ImagePositionPatient/"
-            "ImageOrientationPatient and InstanceNumber are missing. Re-export the series with its geometry tags"
+            "ImageOrientationPatient and InstanceNumber are missing. Re-export the series with its geometry tags",
+            path=no_instance.path,
         )
     step = no_geometry.spacing_between_slices or no_geometry.slice_thickness or 1.0
     warnings.warn(
@@ -237,9 +247,9 @@ def _slice_positions(key: str, headers: Sequence[_SliceHeader]) -> list[float]:
     return [float(h.instance_number or 0) * step for h in headers]
 
 
-def _make_series(series_uid: str, headers: Sequence[_SliceHeader]) -> SeriesInfo:
+def _make_series(series_uid: str, headers: Sequence[_SliceHeader], keys: Pseudonymizer) -> SeriesInfo:
     """Check, sort and summarise the headers of one series."""
-    key = hash_identifier(series_uid)
+    key = keys.key(series_uid)
     _check_consistent(key, headers)
     positions = _slice_positions(key, headers)
     order = sorted(
@@ -264,7 +274,7 @@ def _make_series(series_uid: str, headers: Sequence[_SliceHeader]) -> SeriesInfo
     return SeriesInfo(
         series_uid=series_uid,
         series_key=key,
-        patient_key=hash_identifier(first.patient_id),
+        patient_key=keys.key(first.patient_id),
         modality="CT",
         files=tuple(h.path for h in headers),
         positions_mm=tuple(positions),
@@ -280,61 +290,208 @@ def _make_series(series_uid: str, headers: Sequence[_SliceHeader]) -> SeriesInfo
     )
 
 
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file left out of a scan, or a series left out named by one of its files.
+
+    Attributes:
+        path: the file.
+        message: one line, ``"<path>: <problem>. <what to do>"``, without identifiers in clear text.
+    """
+
+    path: Path
+    message: str
+
+    @property
+    def problem(self) -> str:
+        """The message without the leading path."""
+        return self.message.removeprefix(f"{self.path}: ")
+
+
+@dataclass
+class DicomScan:
+    """What :func:`scan_dicom` found: the CT series and the files it left out.
+
+    Attributes:
+        series: the series, sorted by (patient_key, series_key).
+        skipped: the files (and series) skipped, in scan order.
+        n_files: number of files looked at.
+    """
+
+    series: list[SeriesInfo]
+    skipped: list[SkippedFile]
+    n_files: int
+
+
+def _input_files(inputs: Sequence[str | Path]) -> list[Path]:
+    """The files of the inputs: folders recursively (sorted), files as given; each file once."""
+    files: list[Path] = []
+    seen: set[Path] = set()
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.rglob("*") if p.is_file())
+        elif item.is_file():
+            found = [item]
+        else:
+            raise DicomError(
+                f"{item}: no such file or folder. Give DICOM files or the folders that hold them"
+            )
+        for path in found:
+            if path.resolve() not in seen:
+                seen.add(path.resolve())
+                files.append(path)
+    return files
+
+
+def _classify(path: Path) -> _SliceHeader | str:
+    """The CT header of a file, or why it is no CT image (a benign skip: not DICOM, another modality).
+
+    Raises:
+        DicomError: a file that claims to be DICOM but is unreadable, truncated or incomplete.
+    """
+    try:
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+        ds = _read_header(path)
+    except OSError as e:
+        raise DicomError(f"{path}: cannot read the file ({type(e).__name__}). Check its permissions") from e
+    if ds is None:
+        return "not a DICOM file (no 'DICM' marker)"
+    if ds.file_meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage:
+        return "DICOMDIR index file"
+    modality = str(ds.get("Modality", "") or "")
+    if modality and modality != "CT":
+        return f"modality {modality}"
+    if "LOCALIZER" in [str(v).upper() for v in ds.get("ImageType", [])]:
+        return "localizer (scout) image"
+    return _slice_header(path, ds)
+
+
+def scan_dicom(
+    inputs: Sequence[str | Path],
+    progress: bool = False,
+    allow_non_ct: bool = False,
+    strict: bool = False,
+    key_root: str | Path | None = None,
+) -> DicomScan:
+    """Find all CT series in DICOM files and folder trees (recursively, any file names), from headers only.
+
+    Lenient (the default): every file that is no CT image (not DICOM, DICOMDIR, another modality, a
+    localizer) or is broken (truncated, unreadable, required tags missing), and every series whose files
+    disagree (matrix size, spacing, orientation, no slice order), is left out and listed in
+    ``skipped`` with a one-line message; no warning is issued for them. Strict: the first broken file or
+    series raises; files that are no CT image are skipped with a warning, other modalities raise unless
+    ``allow_non_ct``.
+
+    Args:
+        inputs: files and folders.
+        progress: show a tqdm progress bar.
+        allow_non_ct: strict mode: skip files of other modalities with a warning instead of failing.
+        strict: stop at the first bad file or series.
+        key_root: the data root whose secret keys the series and patients (default: the first input, or its
+            folder when it is a file, or the nearest parent with a key file, see
+            :func:`~ldct_lightning.privacy.find_key_root`).
+
+    Returns:
+        The series and the skipped files.
+
+    Raises:
+        DicomError: an input that does not exist, no CT image at all, or (strict) a bad file or series.
+    """
+    paths = _input_files(inputs)
+    if key_root is None:
+        key_root = find_key_root(inputs[0] if Path(inputs[0]).is_dir() else Path(inputs[0]).parent)
+    keys = pseudonymizer(key_root)
+    where = str(inputs[0]) if len(inputs) == 1 else f"the {len(inputs)} inputs"
+    by_series: dict[str, list[_SliceHeader]] = defaultdict(list)
+    skipped: list[SkippedFile] = []
+    benign: dict[str, list[Path]] = defaultdict(list)  # strict mode: reason -> files, one warning each
+    for path in tqdm(paths, desc="scan DICOM", unit="file", disable=not progress):
+        if path.name == KEY_FILE_NAME:  # the data root's pseudonym key (ldct_lightning.privacy)
+            continue
+        try:
+            header = _classify(path)
+        except DicomError as e:
+            if strict:
+                raise
+            skipped.append(SkippedFile(path, str(e)))
+            continue
+        if isinstance(header, str):
+            if not strict:
+                skipped.append(SkippedFile(path, f"{path}: {header}, skipped"))
+            elif header.startswith("modality") and not allow_non_ct:
+                raise DicomError(
+                    f"{path}: {header.replace('modality', 'modality is', 1)}, not CT. Remove non-CT files from "
+                    "the folder or move them out of the folder (scan_dicom_folder(..., allow_non_ct=True) "
+                    "skips them)"
+                )
+            elif header.startswith("not a DICOM"):
+                warnings.warn(
+                    f"{path}: not a DICOM file (no 'DICM' marker), skipped. "
+                    "Files without the DICOM Part 10 header must be re-exported to be read",
+                    stacklevel=2,
+                )
+            else:
+                benign[header].append(path)
+            continue
+        by_series[header.series_uid].append(header)
+    for reason, files in benign.items():
+        warnings.warn(f"{files[0]}: skipped {len(files)} file(s) ({reason})", stacklevel=2)
+    series = []
+    for uid, headers in by_series.items():
+        try:
+            series.append(_make_series(uid, headers, keys))
+        except DicomError as e:
+            if strict:
+                raise
+            path = e.path if e.path is not None else headers[0].path
+            skipped.append(SkippedFile(path, f"{e} ({len(headers)} files of the series skipped)"))
+    if not series:
+        first = f"; first skipped: {skipped[0].message}" if skipped else ""
+        raise DicomError(
+            f"{where}: no DICOM CT image found among {len(paths)} file(s). "
+            f"Point the data path to the folder that holds the exported CT series{first}"
+        )
+    return DicomScan(sorted(series, key=lambda s: (s.patient_key, s.series_key)), skipped, len(paths))
+
+
 def scan_dicom_folder(
-    root: str | Path, progress: bool = False, allow_non_ct: bool = False
+    root: str | Path,
+    progress: bool = False,
+    allow_non_ct: bool = False,
+    strict: bool = True,
+    key_root: str | Path | None = None,
 ) -> list[SeriesInfo]:
     """Find all CT series under a folder (recursively, any file names) from their headers only.
 
     Non-DICOM files and DICOMDIR index files are skipped with a warning, as are localizer (scout)
-    images.
+    images. With ``strict=False`` every bad file or series is skipped with one warning each (see
+    :func:`scan_dicom`).
 
     Args:
         root: folder to scan.
         progress: show a tqdm progress bar.
         allow_non_ct: skip files of other modalities with a warning instead of failing.
+        strict: stop at the first bad file or series.
+        key_root: the data root whose secret keys the series and patients (default: ``root`` or the nearest
+            parent with a key file).
 
     Returns:
         The series, sorted by (patient_key, series_key).
 
     Raises:
-        DicomError: no DICOM found, a corrupt or truncated header, a non-CT file (unless allowed), an
-            inconsistent series, or slices that cannot be ordered.
+        DicomError: no DICOM found, and (strict) a corrupt or truncated header, a non-CT file (unless
+            allowed), an inconsistent series, or slices that cannot be ordered.
     """
     root = Path(root)
     if not root.is_dir():
         raise DicomError(
             f"{root}: not a folder. Point the data path to the folder that holds the DICOM files"
         )
-    paths = sorted(p for p in root.rglob("*") if p.is_file())
-    by_series: dict[str, list[_SliceHeader]] = defaultdict(list)
-    skipped: dict[str, list[Path]] = defaultdict(list)  # reason -> files
-    for path in tqdm(paths, desc="scan DICOM", unit="file", disable=not progress):
-        ds = _read_header(path)
-        if ds is None:
-            continue
-        modality = str(ds.get("Modality", "") or "")
-        if modality and modality != "CT":
-            if not allow_non_ct:
-                raise DicomError(
-                    f"{path}: modality is {modality}, not CT. Remove non-CT files from the folder "
-                    "or move them out of the folder (scan_dicom_folder(..., allow_non_ct=True) skips them)"
-                )
-            skipped[f"modality {modality}"].append(path)
-            continue
-        if "LOCALIZER" in [str(v).upper() for v in ds.get("ImageType", [])]:
-            skipped["localizer (scout) image"].append(path)
-            continue
-        header = _slice_header(path, ds)
-        by_series[header.series_uid].append(header)
-    for reason, files in skipped.items():
-        warnings.warn(f"{files[0]}: skipped {len(files)} file(s) ({reason})", stacklevel=2)
-    if not by_series:
-        raise DicomError(
-            f"{root}: no DICOM CT image found among {len(paths)} file(s). "
-            "Point the data path to the folder that holds the exported CT series"
-        )
-    series = [_make_series(uid, headers) for uid, headers in by_series.items()]
-    return sorted(series, key=lambda s: (s.patient_key, s.series_key))
+    scan = scan_dicom([root], progress=progress, allow_non_ct=allow_non_ct, strict=strict, key_root=key_root)
+    for item in scan.skipped:
+        warnings.warn(item.message, stacklevel=2)
+    return scan.series
 
 
 def _decode_hu(path: Path) -> tuple[np.ndarray, bool]:
@@ -345,7 +502,8 @@ def _decode_hu(path: Path) -> tuple[np.ndarray, bool]:
         raise _parse_error(path, e) from e
     if "PixelData" not in ds:
         raise DicomError(
-            f"{path}: no pixel data found (missing or truncated). Re-export the series or remove the file"
+            f"{path}: no pixel data found (missing or truncated). Re-export the series or remove the file",
+            path=path,
         )
     try:
         stored = ds.pixel_array
@@ -357,9 +515,13 @@ def _decode_hu(path: Path) -> tuple[np.ndarray, bool]:
                 f"The file is truncated or corrupt, or no decoder for {syntax.name} is installed: re-export "
                 "it, or pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle"
             )
-        raise DicomError(f"{path}: cannot decode the pixel data ({type(e).__name__}: {e}). {todo}") from e
+        raise DicomError(
+            f"{path}: cannot decode the pixel data ({type(e).__name__}: {e}). {todo}", path=path
+        ) from e
     if stored.ndim != 2:
-        raise DicomError(f"{path}: expected a single 2-D slice, got pixel data of shape {stored.shape}")
+        raise DicomError(
+            f"{path}: expected a single 2-D slice, got pixel data of shape {stored.shape}", path=path
+        )
     slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
     if "ModalityLUTSequence" in ds or (slope not in (None, "") and intercept not in (None, "")):
         return np.asarray(apply_modality_lut(stored, ds), dtype=np.float32), False
@@ -416,7 +578,8 @@ def read_series_hu(series: SeriesInfo, progress: bool = False) -> np.ndarray:
         if hu.shape != volume.shape[1:]:
             raise DicomError(
                 f"{path}: slice is {hu.shape[0]}x{hu.shape[1]}, but series {series.series_key} was scanned as "
-                f"{series.rows}x{series.cols}. The files changed since the scan: scan the folder again"
+                f"{series.rows}x{series.cols}. The files changed since the scan: scan the folder again",
+                path=path,
             )
         volume[i] = hu
         if missing:

@@ -20,7 +20,6 @@ from pathlib import Path
 import yaml
 
 from ldct_lightning.data.dicom import SeriesInfo
-from ldct_lightning.privacy import hash_identifier
 
 ROLES = ("ldct", "ndct")
 # Dose tags compared to tell LDCT from NDCT, in order of preference: (SeriesInfo attribute, keyword, unit).
@@ -184,7 +183,7 @@ def _studies_from_manifest(series: Sequence[SeriesInfo], manifest: Path, aligned
         if uid:
             if uid not in by_uid:
                 raise PairingError(
-                    f"{where}: series {hash_identifier(uid)} (hashed series_uid) is not among the scanned series. "
+                    f"{where}: its series_uid is not among the scanned series. "
                     "Check the series_uid and the data folder"
                 )
             s = by_uid[uid]
@@ -326,7 +325,8 @@ def make_split(studies: Sequence[Study], n_val: int | float, n_test: int | float
     )
 
 
-def _write_yaml_atomic(data: dict, path: Path) -> None:
+def write_yaml_atomic(data: dict, path: Path) -> None:
+    """Write YAML through a temporary file of this process (so concurrent writers never share one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -337,7 +337,12 @@ def _write_yaml_atomic(data: dict, path: Path) -> None:
 
 
 def load_or_create_split(
-    path: str | Path, studies: Sequence[Study], n_val: int | float, n_test: int | float, seed: int
+    path: str | Path,
+    studies: Sequence[Study],
+    n_val: int | float,
+    n_test: int | float,
+    seed: int,
+    write: bool = True,
 ) -> Split:
     """Reuse the split stored at ``path``, or make it and write it there (YAML, atomically).
 
@@ -347,6 +352,7 @@ def load_or_create_split(
         n_val: validation patients, a count or a fraction.
         n_test: test patients, a count or a fraction.
         seed: random seed.
+        write: write a new split (False: only return the split that would be written).
 
     Returns:
         The split.
@@ -380,7 +386,9 @@ def load_or_create_split(
             inputs_hash=inputs_hash,
         )
     split = make_split(studies, n_val, n_test, seed)
-    _write_yaml_atomic(
+    if not write:
+        return split
+    write_yaml_atomic(
         {
             "inputs_hash": split.inputs_hash,
             "params": {

@@ -144,7 +144,8 @@ PRESETS: dict[str, SyntheticConfig] = {
         photons_ndct=6.0e4,
         electronic_noise_sd=1.0,
     ),
-    "demo": SyntheticConfig(),
+    # 11 patients: 6 train, 2 val, 3 test (conf/data/synthetic.yaml), so that per-patient statistics exist
+    "demo": SyntheticConfig(n_patients=11),
     "bench": SyntheticConfig(
         n_patients=16,
         n_slices=24,
@@ -352,7 +353,7 @@ def _write_patient(
         names = [f"{folders[int(rng.integers(len(folders)))]}/{rng.bytes(8).hex()}.dcm" for _ in z]
         write_ct_series(volume, spec, list(z + _TABLE_Z0), out / "dicom", names)
         rows.append({"series_uid": spec.series_uid, "role": role, "aligned": "false"})
-    key = hash_identifier(scan.patient_id)
+    key = hash_identifier(scan.patient_id, out)
     np.savez(
         out / "truth" / f"{key}.npz",
         clean_ld=scan.clean_ld.astype(np.float32),
@@ -433,7 +434,7 @@ def _generate(out: Path, cfg: SyntheticConfig, progress: bool, threads: int) -> 
         t1 = time.perf_counter()
         manifest += _write_patient(out, cfg, scan, folders, names_rng)
         stats = {
-            "patient_key": hash_identifier(scan.patient_id),
+            "patient_key": hash_identifier(scan.patient_id, out),
             "noise_sd_ldct": liver_noise_sd(scan.ldct, scan.clean_ld, scan.labels_ld, cfg.pixel_mm),
             "noise_sd_ndct": liver_noise_sd(scan.ndct, scan.clean_nd, scan.labels_nd, cfg.pixel_mm),
             "noise_sd_lowdose_nd": liver_noise_sd(
@@ -475,7 +476,7 @@ def _generate(out: Path, cfg: SyntheticConfig, progress: bool, threads: int) -> 
         "torch_threads": threads,
     }
     overview_path = out / "overview.png"
-    save_overview(first, overview_path)
+    save_overview(first, overview_path, hash_identifier(first.patient_id, out))
     summary["seconds_total"] = round(time.perf_counter() - start, 2)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if progress:
@@ -506,7 +507,7 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def save_overview(scan: _Scan, path: Path) -> None:
+def save_overview(scan: _Scan, path: Path, patient_key: str) -> None:
     """Figure of one patient: clean / NDCT / LDCT / LDCT - clean, on a chest and an abdomen slice."""
     import matplotlib
 
@@ -539,9 +540,7 @@ def save_overview(scan: _Scan, path: Path) -> None:
                 axes[r, 3].contour(mask, levels=[0.5], colors=[colors[label]], linewidths=0.6)
     handles = [plt.Line2D([], [], color=colors[i], label=LABELS[i]) for i in (1, 2, 3, 4, 9)]
     fig.legend(handles=handles, loc="lower center", ncol=5, frameon=False)
-    fig.suptitle(
-        f"synthetic patient {hash_identifier(scan.patient_id)}: abdomen window C40/W400", fontsize=12
-    )
+    fig.suptitle(f"synthetic patient {patient_key}: abdomen window C40/W400", fontsize=12)
     fig.tight_layout(rect=(0, 0.03, 1, 0.97))
     fig.savefig(path, dpi=100)
     plt.close(fig)

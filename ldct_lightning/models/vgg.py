@@ -2,7 +2,10 @@
 
 The layers are defined here (torchvision is not a dependency) with the same indices, so a torchvision state dict
 (``features.N.weight``/``features.N.bias``; ``classifier.*`` is ignored) loads with strict key matching. Weights
-come from a local file; nothing is downloaded.
+come from the given file; when it does not exist, from the torch hub cache
+(``torch.hub.get_dir()/checkpoints/vgg19-dcbb9e9d.pth``, i.e. ``$TORCH_HOME/hub`` or ``~/.cache/torch/hub``),
+where torchvision keeps them; otherwise they are downloaded there once, with the file's hash checked, as
+torchvision does.
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ VGG19_CFG: tuple[int | str, ...] = (
     64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M",
 )  # fmt: skip
 VGG19_WEIGHTS_FILE = "vgg19-dcbb9e9d.pth"
+VGG19_URL = f"https://download.pytorch.org/models/{VGG19_WEIGHTS_FILE}"
 _HOW_TO_GET = (
-    f"Put torchvision's ImageNet VGG-19 weights ({VGG19_WEIGHTS_FILE}) there: nothing is downloaded, copy the "
-    "file offline (e.g. from ~/.cache/torch/hub/checkpoints/ on a machine where torchvision fetched it, or from "
-    f"https://download.pytorch.org/models/{VGG19_WEIGHTS_FILE}), or set the weights to 'random' (tests only)"
+    f"Put torchvision's ImageNet VGG-19 weights ({VGG19_WEIGHTS_FILE}) there or in the torch hub cache; offline, "
+    "copy the file from ~/.cache/torch/hub/checkpoints/ of a machine where torchvision fetched it, or from "
+    f"{VGG19_URL}; or set the weights to 'random' (tests only)"
 )
 
 
@@ -80,6 +84,42 @@ def build_vgg19_features() -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def hub_cache_file() -> Path:
+    """Where torchvision keeps the VGG-19 weights: ``torch.hub.get_dir()/checkpoints/vgg19-dcbb9e9d.pth``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / VGG19_WEIGHTS_FILE
+
+
+def find_vgg19_weights(weights: str | Path) -> Path:
+    """The VGG-19 weights file: ``weights`` when it exists, else the torch hub cache, else downloaded there once.
+
+    Args:
+        weights: the configured path (``paths.vgg19_weights``).
+
+    Returns:
+        A file that exists.
+
+    Raises:
+        FileNotFoundError: none found and the download failed (offline); the message says what to do.
+    """
+    path, cached = Path(weights), hub_cache_file()
+    if path.is_file():
+        return path
+    if not cached.is_file():
+        logger.info("VGG-19 weights: %s not found; downloading %s to %s", path, VGG19_URL, cached)
+        try:
+            torch.hub.load_state_dict_from_url(VGG19_URL, map_location="cpu", check_hash=True, progress=False)
+        except Exception as e:  # no network, proxy, hash mismatch, disk full: all end in the same advice
+            reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+            raise FileNotFoundError(
+                f"{path}: VGG-19 weights file not found, nor in the torch hub cache ({cached}), and the "
+                f"download failed ({reason}). {_HOW_TO_GET}"
+            ) from e
+        if not cached.is_file():
+            raise FileNotFoundError(f"{path}: VGG-19 weights file not found. {_HOW_TO_GET}")
+    logger.info("VGG-19 weights: %s not found; using the torch hub cache %s", path, cached)
+    return cached
+
+
 def load_vgg19_features_state(path: str | Path) -> dict[str, torch.Tensor]:
     """Read the ``features`` part of a torchvision-format VGG-19 state dict.
 
@@ -119,8 +159,9 @@ class VGG19Features(nn.Module):
     (see :func:`ldct_lightning.losses.gray_to_vgg_input`).
 
     Args:
-        weights: path to a torchvision-format VGG-19 ``.pth`` (``vgg19-dcbb9e9d.pth``), or ``"random"``
-            (random features, logged as a warning; for tests only).
+        weights: path to a torchvision-format VGG-19 ``.pth`` (``vgg19-dcbb9e9d.pth``; when missing, the torch
+            hub cache's, downloaded once if needed, see :func:`find_vgg19_weights`), or ``"random"`` (random
+            features, logged as a warning; for tests only).
         layer: where to truncate (see :func:`vgg19_layer_index`).
     """
 
@@ -135,6 +176,7 @@ class VGG19Features(nn.Module):
                 VGG19_WEIGHTS_FILE,
             )
         else:
+            weights = find_vgg19_weights(weights)
             state = load_vgg19_features_state(weights)
             try:
                 features.load_state_dict(state, strict=True)

@@ -1,0 +1,80 @@
+"""After an interruption and a resume, each stage's ``last.ckpt`` holds the final epoch and global step.
+
+The best checkpoint is pinned to the first validation (``monitor=step, mode=min``), so a ``last.ckpt`` that is
+only written together with a new best (Lightning 2.6) would stay at epoch 0.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+from test_pipeline import tiny_cfg
+from test_robustness import FAST, STEPS_PER_EPOCH, load_ckpt
+
+from ldct_lightning.losses import Stage1Loss
+from ldct_lightning.modules import stage2
+from ldct_lightning.pipeline import run
+
+EPOCHS = 3
+N_CRITIC = 3  # conf/stage/second.yaml: a stage-2 batch is 1 + n_critic optimizer steps
+PINNED_BEST = ["callbacks.model_checkpoint.monitor=step", "callbacks.model_checkpoint.mode=min"]
+
+
+def _interrupt_at_call(monkeypatch, owner, name: str, n: int) -> None:
+    """Raise KeyboardInterrupt (Ctrl-C) at the ``n``-th call of ``owner.name``."""
+    original = getattr(owner, name)
+    calls = {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapped)
+
+
+def _run_interrupted(cfg) -> None:
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):  # Lightning turns Ctrl-C into sys.exit(1)
+            run(cfg)
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+
+
+def test_last_ckpt_holds_the_final_epoch_and_step_after_resume(
+    tiny_dataset: Path, tmp_path: Path, monkeypatch
+):
+    out = tmp_path / "run"
+    args = [
+        "ablation=proposed",
+        f"stages.first.max_epochs={EPOCHS}",
+        f"stages.second.max_epochs={EPOCHS}",
+        "stages.second.module.panel_every_n_epochs=0",
+        *FAST,
+        *PINNED_BEST,
+    ]
+    # stage 1: Ctrl-C in the second batch of epoch 1
+    _interrupt_at_call(monkeypatch, Stage1Loss, "forward", STEPS_PER_EPOCH + 2)
+    _run_interrupted(tiny_cfg(tiny_dataset, out, args))
+    monkeypatch.undo()
+    # resume: stage 1 to the end, then stage 2 until Ctrl-C in its second epoch
+    _interrupt_at_call(monkeypatch, stage2, "gradient_penalty", N_CRITIC * (STEPS_PER_EPOCH + 1) + 1)
+    _run_interrupted(tiny_cfg(tiny_dataset, out, [*args, "ckpt_path=last"]))
+    monkeypatch.undo()
+    first = out / "first" / "checkpoints"
+    assert (load_ckpt(first / "last.ckpt")["epoch"], load_ckpt(first / "last.ckpt")["global_step"]) == (
+        EPOCHS - 1,
+        EPOCHS * STEPS_PER_EPOCH,
+    )
+    assert [p.name for p in first.glob("best-*.ckpt")] == ["best-epoch000.ckpt"]  # the pinned best
+    interrupted = load_ckpt(out / "second" / "checkpoints" / "last.ckpt")
+    assert interrupted["epoch"] == 1 and interrupted["global_step"] < 2 * STEPS_PER_EPOCH * (1 + N_CRITIC)
+    # resume again: stage 2 to the end
+    run(tiny_cfg(tiny_dataset, out, [*args, "ckpt_path=last"]))
+    last = load_ckpt(out / "second" / "checkpoints" / "last.ckpt")
+    assert (last["epoch"], last["global_step"]) == (EPOCHS - 1, EPOCHS * STEPS_PER_EPOCH * (1 + N_CRITIC))
+    assert [p.name for p in (out / "second" / "checkpoints").glob("best-*.ckpt")] == ["best-epoch000.ckpt"]
