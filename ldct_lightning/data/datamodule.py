@@ -465,6 +465,22 @@ class LDCTDataModule(L.LightningDataModule):
                     "Check the LDCT/NDCT pairing, or lower data.registration.min_ncc"
                 )
 
+    def register_studies(self, parts: tuple[str, ...] = ("train", "val", "test")) -> dict[str, dict]:
+        """Register (or read from the cache) the studies of ``parts`` that need it; return their info.
+
+        Returns:
+            patient key -> registration summary (z offset found, NCC, residual, usable share, time).
+        """
+        self._prepare()
+        for part in parts:
+            self._register(part)
+        return {k: v for k, v in self.registration_info.items() if any(k in getattr(self.split, p) for p in parts)}
+
+    @property
+    def left_out(self) -> set[str]:
+        """Patients left out because their registration failed."""
+        return set(self._left_out)
+
     def patients(self, part: str) -> list[PatientVolumes]:
         """The volumes of the ``train``, ``val`` or ``test`` patients (after :meth:`setup`)."""
         if self.split is None:

@@ -48,6 +48,7 @@ class RegistrationConfig:
         deformable: ``none`` or ``bspline``.
         bspline_mesh_mm: B-spline control point spacing.
         smooth_px: Gaussian smoothing (pixels) of both images for the quality measures.
+        body_erosion_mm: the quality measures use the body (holes filled) eroded by this much.
         local_radius_mm: window radius of the local NCC.
         local_ncc_threshold: local NCC above which a pixel is well registered.
         flat_sd_hu: local SD below which a region counts as flat (NCC undefined there).
@@ -70,6 +71,7 @@ class RegistrationConfig:
     deformable: str = "none"
     bspline_mesh_mm: float = 80.0
     smooth_px: float = 1.0
+    body_erosion_mm: float = 10.0
     local_radius_mm: float = 10.0
     local_ncc_threshold: float = 0.5
     flat_sd_hu: float = 40.0
@@ -114,7 +116,7 @@ class RegistrationResult:
     """A registered study.
 
     Attributes:
-        correspondence: the rigid or affine LDCT -> NDCT point map (for crops that keep NDCT pixels).
+        correspondence: the rigid LDCT -> NDCT point map (for crops that keep NDCT pixels).
         warped: the NDCT resampled onto the LDCT grid with the final transform, int16 HU.
         mask: well-registered LDCT pixels (bool, same shape).
         slice_ncc: NCC inside the body per LDCT slice (NaN: no NDCT there).
@@ -224,6 +226,18 @@ def _body_mask(image: sitk.Image, body_hu: float) -> sitk.Image:
     mask = sitk.GetImageFromArray(array.astype(np.uint8))
     mask.CopyInformation(image)
     return mask
+
+
+def _inner_body(volume: np.ndarray, body_hu: float, erosion_px: float) -> np.ndarray:
+    """The body with its holes (lungs, bowel gas) filled, eroded by ``erosion_px``: the outline alone
+    (air against anything) must not make two images look alike."""
+    out = np.zeros(volume.shape, bool)
+    radius = max(0, round(erosion_px))
+    disk = np.hypot(*np.mgrid[-radius : radius + 1, -radius : radius + 1]) <= radius if radius else None
+    for k in range(len(volume)):
+        filled = ndimage.binary_fill_holes(volume[k] > body_hu)
+        out[k] = ndimage.binary_erosion(filled, disk) if disk is not None else filled
+    return out
 
 
 def _centroid(volume: np.ndarray, geom: VolumeGeometry, body_hu: float) -> np.ndarray:
@@ -372,7 +386,9 @@ def register_study(
         final = sitk.CompositeTransform([linear, bspline])
         stages.append("bspline")
 
-    matrix, offset = transform_matrix(linear)
+    # crops that keep the NDCT pixels follow the rigid map (the affine and B-spline stages shape the
+    # warped target only)
+    matrix, offset = transform_matrix(rigid)
     correspondence = Correspondence(
         tuple(tuple(float(v) for v in row) for row in matrix),
         tuple(float(v) for v in offset),
@@ -381,7 +397,7 @@ def register_study(
     )
     warped, inside = _warp_onto(nd_full, final, ldct_geom)
     ld = np.asarray(ldct, dtype=np.float32)
-    body = (ld > cfg.body_hu) & inside
+    body = _inner_body(ld, cfg.body_hu, cfg.body_erosion_mm / ldct_geom.pixel_mm[0]) & inside
     sigma = cfg.smooth_px
     ncc = slice_ncc(ld, warped, body, sigma)
     radius = max(1, round(cfg.local_radius_mm / ldct_geom.pixel_mm[0]))
