@@ -170,6 +170,12 @@ def test_unaligned_crops_come_from_the_corresponding_ndct_slice(tiny_dataset: Pa
     again.setup("fit")
     assert again.registration_info.keys() == dm.registration_info.keys()
     assert len(list((tmp_path / "cache" / "registration").iterdir())) == len(dm.registration_info)
+    # the test slices' NDCT (paper protocol) is the registered one, slice for slice
+    dm.setup("test")
+    item = dm.test_dataset[0]
+    p = dm.patients("test")[0]
+    expected = np.clip((np.asarray(p.ndct_registered[item["slice_index"]], np.float32) + 1024) / 4095, 0, 1)
+    np.testing.assert_allclose(item["ndct"][0].numpy(), expected, atol=1e-6)
 
 
 def test_stage2_trains_on_a_second_study_with_a_large_table_offset(tiny_dataset: Path, tmp_path: Path) -> None:
@@ -189,29 +195,44 @@ def test_stage2_trains_on_a_second_study_with_a_large_table_offset(tiny_dataset:
     assert any((tmp_path / "cache" / "registration").iterdir())
 
 
-def test_registered_mode_trains_and_beats_its_input(tiny_dataset: Path, tmp_path: Path) -> None:
+def test_registered_mode_trains_on_the_warped_ndct_with_its_mask(tiny_dataset: Path, tmp_path: Path) -> None:
     from test_pipeline import epoch_means, read_metrics, tiny_cfg
 
     from ldct_lightning.pipeline import run
+
+    dm = tiny_dm(tiny_dataset, tmp_path, train_mode="registered", augment=False)
+    dm.setup("fit")
+    dataset = dm.train_dataset
+    item = dataset[3]
+    # the crops are the same pixels of the LDCT, the warped NDCT and the mask (checked by hand)
+    rng = dataset.rng(3)
+    i, k = (int(v) for v in dataset.pairs[rng.integers(len(dataset.pairs))])
+    p = dataset.patients[i]
+    y, x = dataset._position(rng, np.asarray(p.ldct), k)
+    s = dataset.crop_size
+    np.testing.assert_allclose(item["mask"][0].numpy(), p.registered_mask[k, y : y + s, x : x + s])
+    expected = (np.asarray(p.ndct_registered[k, y : y + s, x : x + s], np.float32) + 1024) / 4095
+    np.testing.assert_allclose(item["target"][0].numpy(), np.clip(expected, 0, 1), atol=1e-6)
 
     out = tmp_path / "run"
     cfg = tiny_cfg(
         tiny_dataset,
         out,
-        [
-            "model=registered",
-            "stages.first.max_epochs=6",
-            "data.samples_per_epoch=32",
-            "trainer.num_sanity_val_steps=0",
-            f"+data.cache_dir={tmp_path / 'cache'}",
-        ],
+        ["model=registered", "stages.first.max_epochs=1", "trainer.num_sanity_val_steps=0",
+         f"+data.cache_dir={tmp_path / 'cache'}"],
     )
     assert cfg.stages.first.data.train_mode == "registered"
     summary = run(cfg)
-    assert list(summary) == ["first"]
+    assert list(summary) == ["first"] and Path(summary["first"]["last_ckpt"]).is_file()
     rows = read_metrics(out / "first" / "metrics.csv")
     assert 0 < epoch_means(rows, "train/mask_fraction")[0] <= 1
-    psnr = epoch_means(rows, "val/psnr_abdomen")
-    base = epoch_means(rows, "val/input_psnr_abdomen")
-    last = max(psnr)
-    assert psnr[last] > base[last], (psnr, base)
+
+
+def test_studies_that_fail_to_register_are_left_out_then_the_run_stops(tiny_dataset: Path, tmp_path: Path) -> None:
+    from ldct_lightning.data.datamodule import DataConfigError
+
+    dm = tiny_dm(tiny_dataset, tmp_path, train_mode="unaligned", registration={"min_ncc": 0.9999})
+    with pytest.warns(UserWarning, match=r"patient [0-9a-f]{12}: registration residual too large.*left out of train"):
+        with pytest.raises(DataConfigError, match="no train study registered"):
+            dm.setup("fit")
+    assert not any((tmp_path / "cache" / "registration").glob("*/result.json"))
