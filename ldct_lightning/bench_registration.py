@@ -35,7 +35,10 @@ def correspondence_error(patient: Any, truth: Any, step: int = 4) -> dict[str, f
     c = patient.correspondence
     ld = np.asarray(patient.ldct)
     k, r, col = np.meshgrid(
-        np.arange(ld.shape[0]), np.arange(0, ld.shape[1], step), np.arange(0, ld.shape[2], step), indexing="ij"
+        np.arange(ld.shape[0]),
+        np.arange(0, ld.shape[1], step),
+        np.arange(0, ld.shape[2], step),
+        indexing="ij",
     )
     body = ld[k, r, col] > -500
     points = c.ldct.to_physical(k[body].astype(float), r[body], col[body])
@@ -50,7 +53,12 @@ def correspondence_error(patient: Any, truth: Any, step: int = 4) -> dict[str, f
 def run(root: Path, registration: dict[str, Any], cache_dir: Path) -> dict[str, Any]:
     """Register every study of the data set at ``root`` and score it against its truth."""
     dm = LDCTDataModule(
-        root, cache_dir=cache_dir, split_file=cache_dir / "split.yaml", n_val=0, n_test=0, num_workers=0,
+        root,
+        cache_dir=cache_dir,
+        split_file=cache_dir / "split.yaml",
+        n_val=0,
+        n_test=0,
+        num_workers=0,
         registration={"mode": "always", **registration},
     )
     start = time.perf_counter()
@@ -59,7 +67,10 @@ def run(root: Path, registration: dict[str, Any], cache_dir: Path) -> dict[str, 
     for p in dm.patients("train"):
         truth = np.load(root / "truth" / f"{p.patient_key}.npz")
         row = {"patient_key": p.patient_key, "table_offset_mm": float(truth["table_offset_mm"])}
-        row |= {k: info[p.patient_key][k] for k in ("z_offset_mm", "ncc_median", "usable_fraction", "stages", "seconds")}
+        row |= {
+            k: info[p.patient_key][k]
+            for k in ("z_offset_mm", "ncc_median", "usable_fraction", "stages", "seconds")
+        }
         row |= correspondence_error(p, truth)
         rows.append(row)
     summary: dict[str, Any] = {"patients": rows, "failed": sorted(dm.left_out)}
@@ -68,17 +79,19 @@ def run(root: Path, registration: dict[str, Any], cache_dir: Path) -> dict[str, 
             values = [r[key] for r in rows]
             summary[f"{key}_median_over_studies"] = float(np.median(values))
             summary[f"{key}_max_over_studies"] = float(np.max(values))
-        summary["meets_targets"] = all(
-            summary[f"{k}_median_over_studies"] <= v for k, v in TARGETS.items()
-        )
+        summary["meets_targets"] = all(summary[f"{k}_median_over_studies"] <= v for k, v in TARGETS.items())
     summary["seconds_total"] = round(time.perf_counter() - start, 2)
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ldct_lightning.bench_registration", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m ldct_lightning.bench_registration", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/registration.json"))
-    parser.add_argument("--data", type=Path, default=None, help="an ldct-simulate output (default: generate one)")
+    parser.add_argument(
+        "--data", type=Path, default=None, help="an ldct-simulate output (default: generate one)"
+    )
     parser.add_argument("--preset", default="bench", choices=sorted(PRESETS))
     parser.add_argument("--n-patients", type=int, default=4)
     parser.add_argument("--image-size", type=int, default=None, help="resize the preset (same field of view)")

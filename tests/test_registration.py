@@ -52,7 +52,9 @@ def true_ndct_points(points: np.ndarray) -> np.ndarray:
 
 
 def body_points(volume: np.ndarray, geom: VolumeGeometry, step: int = 2) -> np.ndarray:
-    k, r, c = np.meshgrid(*(np.arange(0, n, step if i else 1) for i, n in enumerate(volume.shape)), indexing="ij")
+    k, r, c = np.meshgrid(
+        *(np.arange(0, n, step if i else 1) for i, n in enumerate(volume.shape)), indexing="ij"
+    )
     inside = volume[k, r, c] > -500
     return geom.to_physical(k[inside].astype(float), r[inside], c[inside])
 
@@ -105,7 +107,9 @@ def test_bad_inputs_give_clear_messages(pair: dict) -> None:
     one = VolumeGeometry((1, SIZE, SIZE), (0.0,), (PIXEL_MM, PIXEL_MM))
     with pytest.raises(RegistrationError, match="patient p1: the LDCT series has 1 slice"):
         register_study(pair["ldct"][:1], one, pair["ndct"], pair["g_nd"], patient="p1")
-    with pytest.raises(RegistrationError, match="patient p2: LDCT and NDCT have different ImageOrientationPatient"):
+    with pytest.raises(
+        RegistrationError, match="patient p2: LDCT and NDCT have different ImageOrientationPatient"
+    ):
         check_registrable(pair["g_ld"], pair["g_nd"], "p2", (1, 0, 0, 0, 1, 0), (1, 0, 0, 0, 0, -1))
     with pytest.raises(ValueError, match="registration.deformable='demons'"):
         RegistrationConfig(deformable="demons")
@@ -131,7 +135,9 @@ def tiny_dm(root: Path, tmp_path: Path, **kwargs):
     return LDCTDataModule(**args)
 
 
-def test_tiny_set_ldct_is_a_second_study_with_a_large_table_offset(tiny_dataset: Path, tmp_path: Path) -> None:
+def test_tiny_set_ldct_is_a_second_study_with_a_large_table_offset(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
     dm = tiny_dm(tiny_dataset, tmp_path, train_mode="unaligned")
     dm.prepare_data()
     offsets = []
@@ -178,7 +184,9 @@ def test_unaligned_crops_come_from_the_corresponding_ndct_slice(tiny_dataset: Pa
     np.testing.assert_allclose(item["ndct"][0].numpy(), expected, atol=1e-6)
 
 
-def test_stage2_trains_on_a_second_study_with_a_large_table_offset(tiny_dataset: Path, tmp_path: Path) -> None:
+def test_stage2_trains_on_a_second_study_with_a_large_table_offset(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
     from test_pipeline import tiny_cfg
 
     from ldct_lightning.pipeline import run
@@ -187,8 +195,12 @@ def test_stage2_trains_on_a_second_study_with_a_large_table_offset(tiny_dataset:
     cfg = tiny_cfg(
         tiny_dataset,
         out,
-        ["ablation=oneStep", "stages.second.max_epochs=1", "trainer.num_sanity_val_steps=0",
-         f"+data.cache_dir={tmp_path / 'cache'}"],
+        [
+            "ablation=oneStep",
+            "stages.second.max_epochs=1",
+            "trainer.num_sanity_val_steps=0",
+            f"+data.cache_dir={tmp_path / 'cache'}",
+        ],
     )
     summary = run(cfg)
     assert Path(summary["second"]["last_ckpt"]).is_file()
@@ -218,8 +230,12 @@ def test_registered_mode_trains_on_the_warped_ndct_with_its_mask(tiny_dataset: P
     cfg = tiny_cfg(
         tiny_dataset,
         out,
-        ["model=registered", "stages.first.max_epochs=1", "trainer.num_sanity_val_steps=0",
-         f"+data.cache_dir={tmp_path / 'cache'}"],
+        [
+            "model=registered",
+            "stages.first.max_epochs=1",
+            "trainer.num_sanity_val_steps=0",
+            f"+data.cache_dir={tmp_path / 'cache'}",
+        ],
     )
     assert cfg.stages.first.data.train_mode == "registered"
     summary = run(cfg)
@@ -228,11 +244,15 @@ def test_registered_mode_trains_on_the_warped_ndct_with_its_mask(tiny_dataset: P
     assert 0 < epoch_means(rows, "train/mask_fraction")[0] <= 1
 
 
-def test_studies_that_fail_to_register_are_left_out_then_the_run_stops(tiny_dataset: Path, tmp_path: Path) -> None:
+def test_studies_that_fail_to_register_are_left_out_then_the_run_stops(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
     from ldct_lightning.data.datamodule import DataConfigError
 
     dm = tiny_dm(tiny_dataset, tmp_path, train_mode="unaligned", registration={"min_ncc": 0.9999})
-    with pytest.warns(UserWarning, match=r"patient [0-9a-f]{12}: registration residual too large.*left out of train"):
+    with pytest.warns(
+        UserWarning, match=r"patient [0-9a-f]{12}: registration residual too large.*left out of train"
+    ):
         with pytest.raises(DataConfigError, match="no train study registered"):
             dm.setup("fit")
     assert not any((tmp_path / "cache" / "registration").glob("*/result.json"))

@@ -35,7 +35,10 @@ def registration_lines(dm: LDCTDataModule, figures: Path | None) -> list[str]:
     """Per registered study: z offset found, residual, share of usable slices; one figure each."""
     info = dm.register_studies()
     if not info and not dm.left_out:
-        return ["", "registration: none needed (every study's series share a frame of reference, or are aligned)"]
+        return [
+            "",
+            "registration: none needed (every study's series share a frame of reference, or are aligned)",
+        ]
     part_of = {k: part for part in ("train", "val", "test") for k in getattr(dm.split, part)}
     lines = [
         "",
@@ -56,7 +59,9 @@ def registration_lines(dm: LDCTDataModule, figures: Path | None) -> list[str]:
     for key in sorted(dm.left_out):
         lines.append(f"{key:<14}{part_of.get(key, '-'):<7}  left out: registration failed (see the warning)")
     if figures is not None and info:
-        lines.append(f"registration figures (LDCT, registered NDCT, checkerboard, mask): {figures}/<patient_key>.png")
+        lines.append(
+            f"registration figures (LDCT, registered NDCT, checkerboard, mask): {figures}/<patient_key>.png"
+        )
     return lines
 
 

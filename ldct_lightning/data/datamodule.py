@@ -438,12 +438,22 @@ class LDCTDataModule(L.LightningDataModule):
             study, p = self._studies_by_key[key], self._patients[key]
             if p.correspondence is not None:
                 continue
-            geom_ld = VolumeGeometry(tuple(p.ldct.shape), tuple(study.ldct.positions_mm), tuple(study.ldct.pixel_spacing_mm))
-            geom_nd = VolumeGeometry(tuple(p.ndct.shape), tuple(study.ndct.positions_mm), tuple(study.ndct.pixel_spacing_mm))
+            geom_ld = VolumeGeometry(
+                tuple(p.ldct.shape), tuple(study.ldct.positions_mm), tuple(study.ldct.pixel_spacing_mm)
+            )
+            geom_nd = VolumeGeometry(
+                tuple(p.ndct.shape), tuple(study.ndct.positions_mm), tuple(study.ndct.pixel_spacing_mm)
+            )
             try:
                 check_registrable(geom_ld, geom_nd, key, study.ldct.orientation, study.ndct.orientation)
                 reg = reg_cache.get(
-                    p.ldct, geom_ld, p.ndct, geom_nd, self.cache.key(study.ldct), self.cache.key(study.ndct), key
+                    p.ldct,
+                    geom_ld,
+                    p.ndct,
+                    geom_nd,
+                    self.cache.key(study.ldct),
+                    self.cache.key(study.ndct),
+                    key,
                 )
             except RegistrationError as e:
                 warnings.warn(f"{e}; the study is left out of {part}", stacklevel=2)
@@ -474,7 +484,9 @@ class LDCTDataModule(L.LightningDataModule):
         self._prepare()
         for part in parts:
             self._register(part)
-        return {k: v for k, v in self.registration_info.items() if any(k in getattr(self.split, p) for p in parts)}
+        return {
+            k: v for k, v in self.registration_info.items() if any(k in getattr(self.split, p) for p in parts)
+        }
 
     @property
     def left_out(self) -> set[str]:

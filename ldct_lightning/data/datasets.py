@@ -579,7 +579,15 @@ class RegisteredDataset(_CropDataset):
         max_tries: int = 10,
     ) -> None:
         super().__init__(
-            crop_size, samples_per_epoch, seed, augment, hu_min, hu_max, min_foreground, foreground_hu, max_tries
+            crop_size,
+            samples_per_epoch,
+            seed,
+            augment,
+            hu_min,
+            hu_max,
+            min_foreground,
+            foreground_hu,
+            max_tries,
         )
         if not patients:
             raise ValueError("RegisteredDataset needs at least one patient")
@@ -592,7 +600,9 @@ class RegisteredDataset(_CropDataset):
                     "frame of reference: set data.registration.mode=always)"
                 )
             _check_crop(self.crop_size, p.ldct, f"LDCT of patient {p.patient_key}")
-            usable = np.ones(len(p.ldct), bool) if p.usable_slices is None else np.asarray(p.usable_slices, bool)
+            usable = (
+                np.ones(len(p.ldct), bool) if p.usable_slices is None else np.asarray(p.usable_slices, bool)
+            )
             ok = np.flatnonzero(usable)
             pairs.append(np.stack((np.full(len(ok), i), ok), axis=1))
         self.patients = list(patients)

@@ -284,7 +284,9 @@ def _make_series(series_uid: str, headers: Sequence[_SliceHeader]) -> SeriesInfo
         exposure_mas=_mean([h.exposure for h in headers]),
         ctdi_vol=_mean([h.ctdi_vol for h in headers]),
         series_description=first.description,
-        frame_of_reference_key=hash_identifier(first.frame_of_reference) if first.frame_of_reference else None,
+        frame_of_reference_key=hash_identifier(first.frame_of_reference)
+        if first.frame_of_reference
+        else None,
         orientation=first.orientation,
     )
 

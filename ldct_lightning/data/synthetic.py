@@ -285,7 +285,9 @@ def _simulate_patient(cfg: SyntheticConfig, index: int) -> _Scan:
     study_rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, index, 1]))
     table = cfg.table_offset_mm if cfg.misalignment > 0 else 0.0
     table_offset = (
-        round(float(study_rng.choice([-1.0, 1.0]) * study_rng.uniform(min(20.0, table), table)), 2) if table else 0.0
+        round(float(study_rng.choice([-1.0, 1.0]) * study_rng.uniform(min(20.0, table), table)), 2)
+        if table
+        else 0.0
     )
     # another scan range: up to scan_range_slices more or fewer slices at each end
     extra = cfg.scan_range_slices if cfg.misalignment > 0 else 0

@@ -683,7 +683,9 @@ def evaluate(
         "register_rotation": register_rotation,
         # the paper protocol's NDCT of studies in two frames of reference is the 3-D registered one
         "ndct_registration_3d": {
-            k: {f: v.get(f) for f in ("z_offset_mm", "ncc_median", "residual_hu", "usable_fraction", "stages")}
+            k: {
+                f: v.get(f) for f in ("z_offset_mm", "ncc_median", "residual_hu", "usable_fraction", "stages")
+            }
             for k, v in getattr(datamodule, "registration_info", {}).items()
             if k in slice_index_of
         },

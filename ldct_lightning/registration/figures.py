@@ -36,8 +36,12 @@ def save_registration_figure(
     k = int(good[len(good) // 2]) if len(good) else len(ldct) // 2
     ld = apply_window(np.asarray(ldct[k], np.float64), *WINDOW)
     nd = apply_window(np.asarray(registered[k], np.float64), *WINDOW)
-    panels = [(ld, "LDCT"), (nd, "NDCT registered"), (checkerboard(ld, nd), "checkerboard"),
-              (np.asarray(mask[k], float), "well-registered mask")]
+    panels = [
+        (ld, "LDCT"),
+        (nd, "NDCT registered"),
+        (checkerboard(ld, nd), "checkerboard"),
+        (np.asarray(mask[k], float), "well-registered mask"),
+    ]
     fig, axes = plt.subplots(1, 4, figsize=(16, 4.4))
     for ax, (image, name) in zip(axes, panels, strict=True):
         ax.imshow(image, cmap="gray", vmin=0, vmax=1, interpolation="nearest")

@@ -45,7 +45,9 @@ class VolumeGeometry:
         # slice indices outside the stack extrapolate with the median spacing
         z = np.where(np.isnan(z), self.z_mm[0] + k * self.slice_mm, z)
         return np.stack(
-            np.broadcast_arrays(x0 + np.asarray(col) * self.pixel_mm[1], y0 + np.asarray(row) * self.pixel_mm[0], z),
+            np.broadcast_arrays(
+                x0 + np.asarray(col) * self.pixel_mm[1], y0 + np.asarray(row) * self.pixel_mm[0], z
+            ),
             axis=-1,
         )
 

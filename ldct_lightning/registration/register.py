@@ -215,8 +215,15 @@ def _downsample(image: sitk.Image, spacing_xy: float) -> sitk.Image:
     origin[0] += (sx * (size[0] - 1) - spacing_xy * (new_size[0] - 1)) / 2
     origin[1] += (sy * (size[1] - 1) - spacing_xy * (new_size[1] - 1)) / 2
     return sitk.Resample(
-        smooth, new_size, sitk.Transform(), sitk.sitkLinear, origin, (spacing_xy, spacing_xy, sz),
-        image.GetDirection(), AIR_HU, sitk.sitkFloat32,
+        smooth,
+        new_size,
+        sitk.Transform(),
+        sitk.sitkLinear,
+        origin,
+        (spacing_xy, spacing_xy, sz),
+        image.GetDirection(),
+        AIR_HU,
+        sitk.sitkFloat32,
     )
 
 
@@ -260,14 +267,19 @@ def _method(cfg: RegistrationConfig, fixed_mask: sitk.Image, iterations: int) ->
     reg.SetMetricFixedMask(fixed_mask)
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=2.0, minStep=1e-3, numberOfIterations=iterations, relaxationFactor=0.6,
+        learningRate=2.0,
+        minStep=1e-3,
+        numberOfIterations=iterations,
+        relaxationFactor=0.6,
         gradientMagnitudeTolerance=1e-6,
     )
     reg.SetOptimizerScalesFromPhysicalShift()
     return reg
 
 
-def _run(reg: sitk.ImageRegistrationMethod, fixed: sitk.Image, moving: sitk.Image, what: str, patient: str) -> float:
+def _run(
+    reg: sitk.ImageRegistrationMethod, fixed: sitk.Image, moving: sitk.Image, what: str, patient: str
+) -> float:
     try:
         reg.Execute(fixed, moving)
     except RuntimeError as e:  # ITK: too few samples inside the moving image, etc.
@@ -296,8 +308,10 @@ def check_registrable(
                 f"patient {patient}: the {name} series has {g.shape[0]} slice; a 3-D registration needs a "
                 "stack of at least 2 slices. Export the whole series, or leave the study out"
             )
-    if ldct_orientation is not None and ndct_orientation is not None and not np.allclose(
-        ldct_orientation, ndct_orientation, atol=1e-3
+    if (
+        ldct_orientation is not None
+        and ndct_orientation is not None
+        and not np.allclose(ldct_orientation, ndct_orientation, atol=1e-3)
     ):
         raise RegistrationError(
             f"patient {patient}: LDCT and NDCT have different ImageOrientationPatient "
@@ -434,7 +448,9 @@ def register_study(
     return RegistrationResult(correspondence, warped, good, ncc, usable, float(z_init), info)
 
 
-def _warp_onto(moving: sitk.Image, transform: sitk.Transform, geom: VolumeGeometry) -> tuple[np.ndarray, np.ndarray]:
+def _warp_onto(
+    moving: sitk.Image, transform: sitk.Transform, geom: VolumeGeometry
+) -> tuple[np.ndarray, np.ndarray]:
     """The moving image resampled onto each LDCT slice (exact slice positions), and where it had data."""
     rows, cols = geom.shape[1:]
     x0, y0 = geom.origin_xy()
