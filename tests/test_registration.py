@@ -256,3 +256,54 @@ def test_studies_that_fail_to_register_are_left_out_then_the_run_stops(
         with pytest.raises(DataConfigError, match="no train study registered"):
             dm.setup("fit")
     assert not any((tmp_path / "cache" / "registration").glob("*/result.json"))
+
+
+def test_data_summary_prints_each_studys_registration_and_writes_its_figure(
+    tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from ldct_lightning.cli import data_summary
+
+    figures = tmp_path / "figures"
+    assert (
+        data_summary.main([str(tiny_dataset), "--n-val", "1", "--n-test", "1", "--figures", str(figures)])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "registration of the NDCT onto the LDCT" in out
+    rows = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 8 and parts[1] in ("train", "val", "test") and parts[-3].endswith("%"):
+            rows[parts[0]] = float(parts[2])
+    truth_keys = sorted(p.stem for p in (tiny_dataset / "truth").glob("*.npz"))
+    assert sorted(rows) == truth_keys
+    for key, z_found in rows.items():
+        table = float(np.load(tiny_dataset / "truth" / f"{key}.npz")["table_offset_mm"])
+        assert abs(z_found + table) <= 15.0  # tiny: 30 mm slices
+        assert (figures / f"{key}.png").is_file()
+
+
+def test_stage2_registered_term_is_a_masked_l1_and_off_by_default(tiny_dataset: Path, tmp_path: Path) -> None:
+    import torch
+
+    from ldct_lightning.modules.stage2 import masked_l1
+
+    pred = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
+    batch = {
+        "registered": torch.zeros_like(pred),
+        "registered_mask": torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]]),
+    }
+    assert float(masked_l1(pred, batch, 1.0)) == pytest.approx((1.0 + 4.0) / 2)  # by hand
+    with pytest.raises(KeyError, match="data.unaligned_registered=true"):
+        masked_l1(pred, {}, 0.5)
+
+    dm = tiny_dm(tiny_dataset, tmp_path, train_mode="unaligned", unaligned_registered=True)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["registered"].shape == batch["registered_mask"].shape == batch["ldct"].shape
+    assert 0 < float(batch["registered_mask"].mean()) <= 1
+
+    from test_pipeline import tiny_cfg
+
+    cfg = tiny_cfg(tiny_dataset, tmp_path / "run", ["ablation=oneStep"])
+    assert cfg.stages.second.module.registered_weight == 0.0 and cfg.data.unaligned_registered is False

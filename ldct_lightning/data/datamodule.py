@@ -125,6 +125,8 @@ class LDCTDataModule(L.LightningDataModule):
             ``registered`` training, test slices); ``always`` registers every non-aligned study; ``off``
             compares z positions (valid only within one frame of reference). A study that fails to register
             is left out with a warning.
+        unaligned_registered: unaligned mode: also give the NDCT registered onto each LDCT crop and its
+            well-registered mask (batch keys ``registered``, ``registered_mask``; stage 2's ``registered_weight``).
 
     Raises:
         DataConfigError: a config value is invalid (raised at construction, or at setup when it depends on
@@ -159,6 +161,7 @@ class LDCTDataModule(L.LightningDataModule):
         progress: bool = False,
         train_ldct: str = "series",
         registration: Mapping[str, Any] | None = None,
+        unaligned_registered: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -185,6 +188,7 @@ class LDCTDataModule(L.LightningDataModule):
         self.z_tolerance_mm, self.xy_jitter = z_tolerance_mm, xy_jitter
         self.progress = progress
         self.train_ldct = train_ldct
+        self.unaligned_registered = bool(unaligned_registered)
         self.registration_mode, self.registration_cfg = self._check_registration(registration)
         self.registration_info: dict[str, dict] = {}
         self._registered_parts: set[str] = set()
@@ -625,7 +629,11 @@ class LDCTDataModule(L.LightningDataModule):
                 default_n = sum(len(p.ndct) for p in train)
             elif self.train_mode == "unaligned":
                 dataset = UnalignedDataset(
-                    train, z_tolerance_mm=self.z_tolerance_mm, xy_jitter=self.xy_jitter, **common
+                    train,
+                    z_tolerance_mm=self.z_tolerance_mm,
+                    xy_jitter=self.xy_jitter,
+                    with_registered=self.unaligned_registered,
+                    **common,
                 )
                 default_n = len(dataset.pairs)
             elif self.train_mode == "registered":

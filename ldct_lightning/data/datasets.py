@@ -372,6 +372,9 @@ class UnalignedDataset(_CropDataset):
         min_foreground: smallest fraction of LDCT crop pixels above ``foreground_hu`` (0 = no check).
         foreground_hu: HU threshold between air and body.
         max_tries: crop positions tried before accepting a mostly-air crop.
+        with_registered: also return ``registered`` (the NDCT registered onto the LDCT, same pixels as
+            the LDCT crop) and ``registered_mask`` (its well-registered pixels), for stage 2's optional
+            registered term; patients without a registration give an all-zero mask.
     """
 
     _stream = 2
@@ -391,6 +394,7 @@ class UnalignedDataset(_CropDataset):
         min_foreground: float = 0.0,
         foreground_hu: float = -500.0,
         max_tries: int = 10,
+        with_registered: bool = False,
     ) -> None:
         super().__init__(
             crop_size,
@@ -403,6 +407,7 @@ class UnalignedDataset(_CropDataset):
             foreground_hu,
             max_tries,
         )
+        self.with_registered = bool(with_registered)
         if not patients:
             raise ValueError(f"{type(self).__name__} needs at least one patient")
         if z_tolerance_mm < 0 or xy_jitter < 0:
@@ -467,10 +472,19 @@ class UnalignedDataset(_CropDataset):
         x_nd = min(max(x_nd + dx, 0), ndct.shape[2] - s)
         t = self._transform(rng)
         first, second = self.keys
-        return {
+        out = {
             first: self._finish(self._crop(ldct, k_ld, y, x, t)),
             second: self._finish(self._crop(ndct, k_nd, y_nd, x_nd, t)),
         }
+        if self.with_registered:
+            if patient.ndct_registered is None:
+                out["registered"] = torch.zeros_like(out[first])
+                out["registered_mask"] = torch.zeros_like(out[first])
+            else:
+                out["registered"] = self._finish(self._crop(self._plain(patient.ndct_registered), k_ld, y, x, t))
+                mask = self._crop(np.asarray(patient.registered_mask[k_ld : k_ld + 1]), 0, y, x, t)
+                out["registered_mask"] = torch.from_numpy(mask)[None]
+        return out
 
 
 class PairedDataset(UnalignedDataset):
