@@ -22,7 +22,7 @@ BENCH_DATA ?= data/bench
 BENCH_SIM_ARGS ?= --size 256
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo evaluate report baselines data-demo test test-full lint format bench bench-quality train-first train-second train-two ablations clean
+.PHONY: help install demo evaluate report baselines data-demo test test-full lint format bench bench-registration bench-quality train-first train-second train-two ablations clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -115,6 +115,10 @@ format: install  ## ruff format and autofix
 bench: install  ## speed benchmarks, written to bench/results.json
 	@echo "+ $(PYTHON) -m ldct_lightning.bench --out bench/results.json $(ARGS)"
 	@$(PYTHON) -m ldct_lightning.bench --out bench/results.json $(ARGS)
+
+bench-registration: install  ## registration error vs the synthetic truth and time per study -> bench/registration.json
+	@echo "+ $(PYTHON) -m ldct_lightning.bench_registration --out bench/registration.json $(ARGS)"
+	@$(PYTHON) -m ldct_lightning.bench_registration --out bench/registration.json $(ARGS)
 
 bench-quality: install  ## every method on the bench preset with the same budget -> bench/quality.json and .md
 	@if [ -f $(BENCH_DATA)/manifest.csv ]; then echo "# $(BENCH_DATA) exists (remove it to remake it)"; \

@@ -10,6 +10,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from pydicom.uid import generate_uid
 
 from ldct_lightning.data.cache import SeriesCache
 from ldct_lightning.data.datamodule import DataConfigError, LDCTDataModule
@@ -39,10 +40,17 @@ def write_dataset(
     for i in range(n_patients):
         pid = f"PAT-{i:03d}"
         z = {}
+        study = generate_uid()  # one study, one frame of reference: z positions are comparable
         for role, sd, ctdi, dz in (("ndct", ND_SD, 12.0, 0.0), ("ldct", LD_SD, 1.5, 0.4)):
             volume = clean[None] + rng.normal(0, sd, (N_SLICES, SIZE, SIZE)) * body
             z[role] = np.arange(N_SLICES) * 1.25 + dz
-            spec = CTSeriesSpec(patient_id=pid, ctdi_vol=ctdi, series_description=role)
+            spec = CTSeriesSpec(
+                patient_id=pid,
+                ctdi_vol=ctdi,
+                series_description=role,
+                study_uid=study,
+                extra={"FrameOfReferenceUID": study},
+            )
             write_ct_series(volume, spec, z[role], root / subdir / pid / role)
         key = hash_identifier(pid, root)
         if truth:

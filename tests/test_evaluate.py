@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from pydicom.uid import generate_uid
 from scipy import ndimage
 from skimage.metrics import peak_signal_noise_ratio
 
@@ -48,8 +49,15 @@ def write_dataset(root: Path, seed: int = 0) -> None:
         z_ld = np.arange(N_SLICES) * 1.25 + 0.4
         ndct = np.roll(clean, 1, axis=1)[None] + rng.normal(0, 8, (N_SLICES, SIZE, SIZE)) * body
         ldct = clean[None] + rng.normal(0, 30, (N_SLICES, SIZE, SIZE)) * body
+        study = generate_uid()  # one study, one frame of reference: z positions are comparable
         for role, volume, ctdi, z in (("ndct", ndct, 12.0, z_ld - 0.4), ("ldct", ldct, 1.5, z_ld)):
-            spec = CTSeriesSpec(patient_id=pid, ctdi_vol=ctdi, series_description=role)
+            spec = CTSeriesSpec(
+                patient_id=pid,
+                ctdi_vol=ctdi,
+                series_description=role,
+                study_uid=study,
+                extra={"FrameOfReferenceUID": study},
+            )
             write_ct_series(np.round(volume), spec, z, root / "dicom" / pid / role)
         (root / "truth").mkdir(exist_ok=True)
         np.savez(

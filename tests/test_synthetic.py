@@ -81,8 +81,10 @@ def test_dicom_tags_and_truth_match_series(dataset: dict) -> None:
     assert sorted(by_patient) == [f"SYN-{i:04d}" for i in range(1, TINY.n_patients + 1)]
     for patient_id, roles in by_patient.items():
         ld, nd = roles["ldct"], roles["ndct"]
+        # the LDCT is a second study: its own scan range (up to scan_range_slices more or fewer at each end)
+        assert len(nd) == TINY.n_slices
+        assert abs(len(ld) - TINY.n_slices) <= 2 * TINY.scan_range_slices
         for files in (ld, nd):
-            assert len(files) == TINY.n_slices
             assert len({d.SeriesInstanceUID for d in files}) == 1
             ds = files[0]
             assert ds.Modality == "CT" and float(ds.KVP) == 120.0
@@ -92,6 +94,7 @@ def test_dicom_tags_and_truth_match_series(dataset: dict) -> None:
         assert 1.0 <= float(ld[0].CTDIvol) <= 2.0 and 20 <= int(ld[0].XRayTubeCurrent) <= 80
         assert 6.0 <= float(nd[0].CTDIvol) <= 20.0 and 150 <= int(nd[0].XRayTubeCurrent) <= 500
         assert ld[0].StudyInstanceUID != nd[0].StudyInstanceUID  # different days
+        assert ld[0].FrameOfReferenceUID != nd[0].FrameOfReferenceUID  # and table positions
         truth = np.load(root / "truth" / f"{hash_identifier(patient_id, root)}.npz")
         assert truth["clean_ld"].shape == truth["labels_ld"].shape == _hu(ld).shape
         assert (
@@ -140,7 +143,7 @@ def test_noise_levels_in_preset_band(dataset: dict) -> None:
     measured = defaultdict(dict)
     for uid, files in dataset["series"].items():
         role = dataset["manifest"][uid]["role"]
-        key = hash_identifier(files[0].PatientID)
+        key = hash_identifier(files[0].PatientID, root)
         truth = np.load(root / "truth" / f"{key}.npz")
         clean, labels = (
             (truth["clean_ld"], truth["labels_ld"])
@@ -192,7 +195,7 @@ def test_noise_is_spatially_correlated(dataset: dict) -> None:
 
 
 def test_ldct_is_misaligned_and_aligned_without_misalignment(dataset: dict) -> None:
-    scan = simulate_patient(TINY, 1)
+    scan = simulate_patient(dataclasses.replace(TINY, scan_range_slices=0), 1)  # same slice count
     body = (scan.labels_nd > 0) | (scan.labels_ld > 0)
     rms = np.sqrt(np.mean((scan.clean_ld - scan.clean_nd)[body] ** 2))
     assert rms > 3 * liver_noise_sd(scan.ndct, scan.clean_nd, scan.labels_nd, TINY.pixel_mm)

@@ -2,7 +2,9 @@
 
 Scans the DICOM tree, pairs LDCT/NDCT series per patient, reads the patient split (or shows the one
 training would make, without writing it: its parameters are the data config's, ``conf/data/dicom.yaml`` or
-``synthetic.yaml``), builds the cache, and prints one row per series (split, hashed patient and series keys, dose tags, slices) with the
+``synthetic.yaml``), builds the cache, registers the studies whose two series have their own frames of reference
+(z offset found, residual, share of usable slices, one checkerboard figure per study), and prints one row per
+series (split, hashed patient and series keys, dose tags, slices) with the
 noise SD estimated from the images (flat soft tissue, :func:`ldct_lightning.data.noise.estimate_noise_sd_hu`).
 For the synthetic set it also prints the noise measured against the noiseless truth (``summary.json``). Bad files are skipped with one warning each, and the exit code is
 then 2; ``--strict`` stops at the first.
@@ -21,6 +23,7 @@ from ldct_lightning.data.dicom import DicomError
 from ldct_lightning.data.noise import estimate_noise_sd_hu
 from ldct_lightning.data.pairing import PairingError
 from ldct_lightning.data.split_defaults import data_config_kind, data_split_defaults, split_params
+from ldct_lightning.registration.figures import save_registration_figure
 
 
 def estimated_noise_table(dm: LDCTDataModule) -> list[str]:
@@ -30,6 +33,40 @@ def estimated_noise_table(dm: LDCTDataModule) -> list[str]:
         for p in dm.patients(part):
             ld, nd = estimate_noise_sd_hu([p.ldct]), estimate_noise_sd_hu([p.ndct])
             lines.append(f"{p.patient_key:<14}{part:<7}{ld:>14.1f}{nd:>14.1f}")
+    return lines
+
+
+def registration_lines(dm: LDCTDataModule, figures: Path | None) -> list[str]:
+    """Per registered study: z offset found, residual, share of usable slices; one figure each."""
+    info = dm.register_studies()
+    if not info and not dm.left_out:
+        return [
+            "",
+            "registration: none needed (every study's series share a frame of reference, or are aligned)",
+        ]
+    part_of = {k: part for part in ("train", "val", "test") for k in getattr(dm.split, part)}
+    lines = [
+        "",
+        "registration of the NDCT onto the LDCT (two frames of reference):",
+        f"{'patient_key':<14}{'split':<7}{'z offset (mm)':>14}{'median NCC':>12}{'residual (HU)':>15}"
+        f"{'usable':>8}{'stages':>16}{'s':>7}",
+    ]
+    by_key = {p.patient_key: p for part in ("train", "val", "test") for p in dm.patients(part)}
+    for key, r in sorted(info.items()):
+        lines.append(
+            f"{key:<14}{part_of.get(key, '-'):<7}{r['z_offset_mm']:>14.1f}{r['ncc_median']:>12.3f}"
+            f"{r['residual_hu']:>15.1f}{r['usable_fraction']:>8.0%}{'+'.join(r['stages']):>16}{r['seconds']:>7.1f}"
+        )
+        p = by_key.get(key)
+        if figures is not None and p is not None and p.ndct_registered is not None:
+            path = figures / f"{key}.png"
+            save_registration_figure(p.ldct, p.ndct_registered, p.registered_mask, p.usable_slices, key, path)
+    for key in sorted(dm.left_out):
+        lines.append(f"{key:<14}{part_of.get(key, '-'):<7}  left out: registration failed (see the warning)")
+    if figures is not None and info:
+        lines.append(
+            f"registration figures (LDCT, registered NDCT, checkerboard, mask): {figures}/<patient_key>.png"
+        )
     return lines
 
 
@@ -74,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--n-test", type=float, default=None, help="test patients (count or fraction)")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad file or series")
+    parser.add_argument(
+        "--figures",
+        type=Path,
+        default=None,
+        help="folder of the per-study registration figures (default <root>/registration_figures)",
+    )
     args = parser.parse_args(argv)
     kind = data_config_kind(args.root)
     split_file = args.root / "split.yaml"
@@ -96,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             print()
             print("noise SD estimated from the images (flat soft tissue):")
             print("\n".join(estimated_noise_table(dm)))
+            print("\n".join(registration_lines(dm, args.figures or args.root / "registration_figures")))
         except (DataConfigError, DicomError, PairingError, ValueError) as exc:
             _print_warnings(caught)
             print(f"ldct-data-summary: error: {exc}", file=sys.stderr)

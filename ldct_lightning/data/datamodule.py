@@ -6,6 +6,7 @@ The DataModule knows data, never training stages: a stage picks ``train_mode`` (
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import warnings
@@ -17,6 +18,7 @@ import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from ldct_lightning.data.cache import SeriesCache
 from ldct_lightning.data.datasets import (
@@ -24,6 +26,7 @@ from ldct_lightning.data.datasets import (
     PairedDataset,
     PatientBatchSampler,
     PatientVolumes,
+    RegisteredDataset,
     SimulatedDataset,
     SliceDataset,
     UnalignedDataset,
@@ -39,10 +42,18 @@ from ldct_lightning.data.noise import (
 from ldct_lightning.data.normalize import HU_MAX, HU_MIN
 from ldct_lightning.data.pairing import Split, Study, build_studies, load_or_create_split
 from ldct_lightning.privacy import KEY_FILE_NAME
+from ldct_lightning.registration import (
+    RegistrationCache,
+    RegistrationConfig,
+    RegistrationError,
+    VolumeGeometry,
+)
+from ldct_lightning.registration.register import check_registrable
 
 log = logging.getLogger(__name__)
 
-TRAIN_MODES = ("simulated", "unaligned", "paired")
+TRAIN_MODES = ("simulated", "unaligned", "paired", "registered")
+REGISTRATION_MODES = ("auto", "always", "off")
 TRAIN_LDCT_SOURCES = ("series", "truth")
 NOISE_KINDS = ("gaussian", "projection")
 _NOISE_KEYS = {
@@ -113,6 +124,14 @@ class LDCTDataModule(L.LightningDataModule):
             tools that only look at the data).
         strict: stop at the first bad file or series. Default: skip each with one warning naming it (files
             that are no CT image or are broken; a patient whose series cannot be decoded leaves the data set).
+        registration: ``{"mode": "auto" | "always" | "off", <RegistrationConfig fields>}``. ``auto``
+            registers (once, cached) the NDCT onto the LDCT of every non-aligned study whose two series do
+            not share a FrameOfReferenceUID, when a correspondence is needed (``unaligned`` and
+            ``registered`` training, test slices); ``always`` registers every non-aligned study; ``off``
+            compares z positions (valid only within one frame of reference). A study that fails to register
+            is left out with a warning.
+        unaligned_registered: unaligned mode: also give the NDCT registered onto each LDCT crop and its
+            well-registered mask (batch keys ``registered``, ``registered_mask``; stage 2's ``registered_weight``).
 
     Raises:
         DataConfigError: a config value is invalid (raised at construction, or at setup when it depends on
@@ -148,6 +167,8 @@ class LDCTDataModule(L.LightningDataModule):
         train_ldct: str = "series",
         write_split: bool = True,
         strict: bool = False,
+        registration: Mapping[str, Any] | None = None,
+        unaligned_registered: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -176,6 +197,11 @@ class LDCTDataModule(L.LightningDataModule):
         self.train_ldct = train_ldct
         self.strict = bool(strict)
         self.write_split = bool(write_split)
+        self.unaligned_registered = bool(unaligned_registered)
+        self.registration_mode, self.registration_cfg = self._check_registration(registration)
+        self.registration_info: dict[str, dict] = {}
+        self._registered_parts: set[str] = set()
+        self._left_out: set[str] = set()  # patients whose registration failed
         self._check_config()
 
         self.skipped: list[SkippedFile] = []  # files and series left out (lenient mode)
@@ -222,6 +248,25 @@ class LDCTDataModule(L.LightningDataModule):
             fail("xy_jitter", "must be an integer >= 0 (pixels)")
         if self.manifest not in (None, "") and not Path(self.manifest).is_file():
             fail("manifest", "no such file. Give the path of the CSV/YAML manifest, or null")
+
+    @staticmethod
+    def _check_registration(registration: Mapping[str, Any] | None) -> tuple[str, RegistrationConfig]:
+        cfg = dict(registration or {})
+        mode = cfg.pop("mode", "auto")
+        if mode not in REGISTRATION_MODES:
+            raise DataConfigError(
+                f"data.registration.mode={mode!r}: unknown mode; choose one of {', '.join(REGISTRATION_MODES)}"
+            )
+        known = set(RegistrationConfig.__dataclass_fields__)
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise DataConfigError(
+                f"data.registration.{unknown[0]}: not a registration setting; allowed: mode, {', '.join(sorted(known))}"
+            )
+        try:
+            return mode, RegistrationConfig(**cfg)
+        except ValueError as e:
+            raise DataConfigError(f"data.{e}") from e
 
     @staticmethod
     def _check_noise(noise: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -336,6 +381,7 @@ class LDCTDataModule(L.LightningDataModule):
                 f"{len(self.studies)}. Lower n_val/n_test or add patients"
             )
         by_key = {s.patient_key: s for s in self.studies}
+        self._studies_by_key = by_key
         keys = [k for part in (self.split.train, self.split.val, self.split.test) for k in part]
         missing = [k for k in keys if k not in by_key]
         if missing:
@@ -415,11 +461,91 @@ class LDCTDataModule(L.LightningDataModule):
             labels=arrays.get("labels_nd"),
         )
 
+    # ------------------------------------------------------------------------------------ registration
+
+    def needs_registration(self, study: Study) -> bool:
+        """True when the study's correspondence must come from a registration (see ``registration``)."""
+        if study.aligned or self.registration_mode == "off":
+            return False
+        if self.registration_mode == "always":
+            return True
+        a, b = study.ldct.frame_of_reference_key, study.ndct.frame_of_reference_key
+        return a is None or b is None or a != b
+
+    def _register(self, part: str) -> None:
+        """Register the studies of a split part that need it (cached); leave out those that fail."""
+        if part in self._registered_parts or self.registration_mode == "off":
+            return
+        self._registered_parts.add(part)
+        assert self.cache is not None and self.split is not None
+        reg_cache = RegistrationCache(self.cache_dir, self.registration_cfg)
+        keys = list(getattr(self.split, part))
+        failed = []
+        todo = [k for k in keys if self.needs_registration(self._studies_by_key[k])]
+        for key in tqdm(todo, desc=f"register {part} studies", unit="study", disable=not self.progress):
+            study, p = self._studies_by_key[key], self._patients[key]
+            if p.correspondence is not None:
+                continue
+            geom_ld = VolumeGeometry(
+                tuple(p.ldct.shape), tuple(study.ldct.positions_mm), tuple(study.ldct.pixel_spacing_mm)
+            )
+            geom_nd = VolumeGeometry(
+                tuple(p.ndct.shape), tuple(study.ndct.positions_mm), tuple(study.ndct.pixel_spacing_mm)
+            )
+            try:
+                check_registrable(geom_ld, geom_nd, key, study.ldct.orientation, study.ndct.orientation)
+                reg = reg_cache.get(
+                    p.ldct,
+                    geom_ld,
+                    p.ndct,
+                    geom_nd,
+                    self.cache.key(study.ldct),
+                    self.cache.key(study.ndct),
+                    key,
+                )
+            except RegistrationError as e:
+                warnings.warn(f"{e}; the study is left out of {part}", stacklevel=2)
+                failed.append(key)
+                continue
+            self._patients[key] = dataclasses.replace(
+                p,
+                correspondence=reg.correspondence,
+                ndct_registered=reg.warped,
+                registered_mask=reg.mask,
+                usable_slices=reg.usable,
+            )
+            self.registration_info[key] = reg.info
+        if failed:
+            self._left_out.update(failed)
+            if len(failed) == len(keys):
+                raise DataConfigError(
+                    f"data.registration: no {part} study registered ({len(failed)} failed, see the warnings). "
+                    "Check the LDCT/NDCT pairing, or lower data.registration.min_ncc"
+                )
+
+    def register_studies(self, parts: tuple[str, ...] = ("train", "val", "test")) -> dict[str, dict]:
+        """Register (or read from the cache) the studies of ``parts`` that need it; return their info.
+
+        Returns:
+            patient key -> registration summary (z offset found, NCC, residual, usable share, time).
+        """
+        self._prepare()
+        for part in parts:
+            self._register(part)
+        return {
+            k: v for k, v in self.registration_info.items() if any(k in getattr(self.split, p) for p in parts)
+        }
+
+    @property
+    def left_out(self) -> set[str]:
+        """Patients left out because their registration failed."""
+        return set(self._left_out)
+
     def patients(self, part: str) -> list[PatientVolumes]:
         """The volumes of the ``train``, ``val`` or ``test`` patients (after :meth:`setup`)."""
         if self.split is None:
             raise RuntimeError("call setup() first")
-        return [self._patients[k] for k in getattr(self.split, part)]
+        return [self._patients[k] for k in getattr(self.split, part) if k not in self._left_out]
 
     # ----------------------------------------------------------------------------------------- noise
 
@@ -504,6 +630,10 @@ class LDCTDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets the stage needs (``fit``/``validate``: train and val; ``test``/``predict``: test)."""
         self._prepare()
+        if stage in (None, "fit") and self.train_mode in ("unaligned", "registered"):
+            self._register("train")
+        if stage in (None, "test", "predict"):
+            self._register("test")
         if stage in (None, "fit") and self.train_dataset is None:
             self.train_dataset = self._train_dataset()
         if stage in (None, "fit", "validate") and self.val_dataset is None:
@@ -543,8 +673,15 @@ class LDCTDataModule(L.LightningDataModule):
                 default_n = sum(len(p.ndct) for p in train)
             elif self.train_mode == "unaligned":
                 dataset = UnalignedDataset(
-                    train, z_tolerance_mm=self.z_tolerance_mm, xy_jitter=self.xy_jitter, **common
+                    train,
+                    z_tolerance_mm=self.z_tolerance_mm,
+                    xy_jitter=self.xy_jitter,
+                    with_registered=self.unaligned_registered,
+                    **common,
                 )
+                default_n = len(dataset.pairs)
+            elif self.train_mode == "registered":
+                dataset = RegisteredDataset(train, **common)
                 default_n = len(dataset.pairs)
             else:
                 dataset = PairedDataset(train, **common)

@@ -58,6 +58,12 @@ class PatientVolumes:
         aligned: True when slice i of LDCT and NDCT show the same anatomy pixel for pixel.
         reference: clean image aligned with the LDCT slices (synthetic truth), or None.
         labels: ROI label map aligned with the LDCT slices, or None.
+        correspondence: LDCT -> NDCT point map from the study's registration
+            (:class:`ldct_lightning.registration.Correspondence`), or None (then z positions are compared,
+            which is only valid when both series share a frame of reference).
+        ndct_registered: the NDCT resampled onto the LDCT grid by the registration (HU), or None.
+        registered_mask: well-registered LDCT pixels (bool, LDCT shape), or None.
+        usable_slices: LDCT slices that registered well enough to use (bool per slice), or None.
     """
 
     patient_key: str
@@ -68,6 +74,10 @@ class PatientVolumes:
     aligned: bool = False
     reference: np.ndarray | None = None
     labels: np.ndarray | None = None
+    correspondence: Any = None
+    ndct_registered: np.ndarray | None = None
+    registered_mask: np.ndarray | None = None
+    usable_slices: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         for name, z_name in (("ldct", "z_ldct"), ("ndct", "z_ndct")):
@@ -86,7 +96,7 @@ class PatientVolumes:
             if np.any(np.diff(z) < 0):
                 raise ValueError(f"patient {self.patient_key}: {z_name} must be ascending")
             setattr(self, z_name, z)
-        for name in ("reference", "labels"):
+        for name in ("reference", "labels", "ndct_registered", "registered_mask"):
             extra = getattr(self, name)
             if extra is not None and (self.ldct is None or extra.shape != self.ldct.shape):
                 ldct_shape = None if self.ldct is None else self.ldct.shape
@@ -339,11 +349,15 @@ class SimulatedDataset(_CropDataset):
 
 
 class UnalignedDataset(_CropDataset):
-    """Stage 2: an LDCT crop (``ldct``) and an NDCT crop (``ndct``) of the same patient at a similar z.
+    """Stage 2: an LDCT crop (``ldct``) and an NDCT crop (``ndct``) of the same patient and similar anatomy.
 
-    The NDCT slice is the one nearest in position to the LDCT slice (LDCT slices with no NDCT slice
-    within ``z_tolerance_mm`` are never drawn); the NDCT crop sits at the LDCT crop's pixel position
-    shifted by up to ``xy_jitter`` pixels. The two crops show similar anatomy, not the same pixels.
+    With a registration (``patient.correspondence``) the centre of the LDCT crop is mapped into the NDCT
+    volume: the NDCT crop comes from the nearest NDCT slice, centred on the mapped point (the small
+    in-plane rotation is not applied: the NDCT pixels stay as acquired); only usable LDCT slices that map
+    inside the NDCT stack are drawn. Without one (series sharing a frame of reference) the NDCT slice is
+    the one nearest in position (LDCT slices with no NDCT slice within ``z_tolerance_mm`` are never
+    drawn) at the LDCT crop's pixel position. Either way the NDCT crop is shifted by up to ``xy_jitter``
+    pixels, so the two crops show similar anatomy, not the same pixels.
 
     Args:
         patients: volumes with ``ldct`` and ``ndct`` set.
@@ -358,6 +372,9 @@ class UnalignedDataset(_CropDataset):
         min_foreground: smallest fraction of LDCT crop pixels above ``foreground_hu`` (0 = no check).
         foreground_hu: HU threshold between air and body.
         max_tries: crop positions tried before accepting a mostly-air crop.
+        with_registered: also return ``registered`` (the NDCT registered onto the LDCT, same pixels as
+            the LDCT crop) and ``registered_mask`` (its well-registered pixels), for stage 2's optional
+            registered term; patients without a registration give an all-zero mask.
     """
 
     _stream = 2
@@ -377,6 +394,7 @@ class UnalignedDataset(_CropDataset):
         min_foreground: float = 0.0,
         foreground_hu: float = -500.0,
         max_tries: int = 10,
+        with_registered: bool = False,
     ) -> None:
         super().__init__(
             crop_size,
@@ -389,6 +407,7 @@ class UnalignedDataset(_CropDataset):
             foreground_hu,
             max_tries,
         )
+        self.with_registered = bool(with_registered)
         if not patients:
             raise ValueError(f"{type(self).__name__} needs at least one patient")
         if z_tolerance_mm < 0 or xy_jitter < 0:
@@ -405,7 +424,19 @@ class UnalignedDataset(_CropDataset):
         self.pairs = np.concatenate(pairs)
 
     def _slice_pairs(self, p: PatientVolumes) -> tuple[np.ndarray, np.ndarray]:
-        """LDCT slices with an NDCT slice within the z tolerance, and that NDCT slice."""
+        """LDCT slices with an NDCT slice within the z tolerance (or through the registration), and that NDCT slice."""
+        if p.correspondence is not None:
+            ok = p.correspondence.ldct_slices_inside()
+            if p.usable_slices is not None:
+                ok = ok[np.asarray(p.usable_slices, dtype=bool)[ok]]
+            if not len(ok):
+                raise ValueError(
+                    f"patient {p.patient_key}: no usable LDCT slice maps inside the NDCT stack through the "
+                    "registration. Check the study (ldct-data-summary shows its registration)"
+                )
+            rows, cols = p.ldct.shape[1:]
+            nd = p.correspondence.ndct_index(ok, (rows - 1) / 2, (cols - 1) / 2)[:, 0]
+            return ok, np.clip(np.rint(nd), 0, len(p.ndct) - 1).astype(int)
         ndct_idx, dz = nearest_slices(p.z_ldct, p.z_ndct)
         ok = np.flatnonzero(dz <= self.z_tolerance_mm)
         if not len(ok):
@@ -427,18 +458,33 @@ class UnalignedDataset(_CropDataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = self.rng(index)
         i, k_ld, k_nd = (int(v) for v in self.pairs[rng.integers(len(self.pairs))])
-        ldct, ndct = self._plain(self.patients[i].ldct), self._plain(self.patients[i].ndct)
+        patient = self.patients[i]
+        ldct, ndct = self._plain(patient.ldct), self._plain(patient.ndct)
         y, x = self._position(rng, ldct, k_ld)
         s, j = self.crop_size, self.xy_jitter
         dy, dx = (int(v) for v in rng.integers(-j, j + 1, size=2)) if j else (0, 0)
-        y_nd = min(max(y + dy, 0), ndct.shape[1] - s)
-        x_nd = min(max(x + dx, 0), ndct.shape[2] - s)
+        y_nd, x_nd = y, x
+        if patient.correspondence is not None:
+            kf, rf, cf = patient.correspondence.ndct_index(k_ld, y + (s - 1) / 2, x + (s - 1) / 2)
+            k_nd = int(np.clip(np.rint(kf), 0, len(ndct) - 1))
+            y_nd, x_nd = int(np.rint(rf - (s - 1) / 2)), int(np.rint(cf - (s - 1) / 2))
+        y_nd = min(max(y_nd + dy, 0), ndct.shape[1] - s)
+        x_nd = min(max(x_nd + dx, 0), ndct.shape[2] - s)
         t = self._transform(rng)
         first, second = self.keys
-        return {
+        out = {
             first: self._finish(self._crop(ldct, k_ld, y, x, t)),
             second: self._finish(self._crop(ndct, k_nd, y_nd, x_nd, t)),
         }
+        if self.with_registered:
+            if patient.ndct_registered is None:
+                out["registered"] = torch.zeros_like(out[first])
+                out["registered_mask"] = torch.zeros_like(out[first])
+            else:
+                out["registered"] = self._finish(self._crop(self._plain(patient.ndct_registered), k_ld, y, x, t))
+                mask = self._crop(np.asarray(patient.registered_mask[k_ld : k_ld + 1]), 0, y, x, t)
+                out["registered_mask"] = torch.from_numpy(mask)[None]
+        return out
 
 
 class PairedDataset(UnalignedDataset):
@@ -512,12 +558,98 @@ class PairedDataset(UnalignedDataset):
         return index, index
 
 
+class RegisteredDataset(_CropDataset):
+    """An LDCT crop (``input``), the same pixels of the NDCT registered onto the LDCT (``target``) and the
+    mask of well-registered pixels (``mask``, float 0/1), for supervised training on clinical pairs.
+
+    Only usable LDCT slices (see :class:`PatientVolumes`) are drawn.
+
+    Args:
+        patients: volumes with ``ldct``, ``ndct_registered`` and ``registered_mask`` set.
+        crop_size: square crop size in pixels.
+        samples_per_epoch: dataset length.
+        seed: random seed.
+        augment: random flips and 90-degree rotations (the same for the three crops).
+        hu_min: HU mapped to 0.
+        hu_max: HU mapped to 1.
+        min_foreground: smallest fraction of crop pixels above ``foreground_hu`` (0 = no check).
+        foreground_hu: HU threshold between air and body.
+        max_tries: crop positions tried before accepting a mostly-air crop.
+    """
+
+    _stream = 4
+
+    def __init__(
+        self,
+        patients: Sequence[PatientVolumes],
+        crop_size: int = 128,
+        samples_per_epoch: int = 1000,
+        seed: int = 0,
+        augment: bool = True,
+        hu_min: float = HU_MIN,
+        hu_max: float = HU_MAX,
+        min_foreground: float = 0.0,
+        foreground_hu: float = -500.0,
+        max_tries: int = 10,
+    ) -> None:
+        super().__init__(
+            crop_size,
+            samples_per_epoch,
+            seed,
+            augment,
+            hu_min,
+            hu_max,
+            min_foreground,
+            foreground_hu,
+            max_tries,
+        )
+        if not patients:
+            raise ValueError("RegisteredDataset needs at least one patient")
+        pairs = []
+        for i, p in enumerate(patients):
+            if p.ldct is None or p.ndct_registered is None or p.registered_mask is None:
+                raise ValueError(
+                    f"patient {p.patient_key}: registered training needs the LDCT and the NDCT registered onto "
+                    "it; this study has no registration (data.registration.mode=off, or its series share a "
+                    "frame of reference: set data.registration.mode=always)"
+                )
+            _check_crop(self.crop_size, p.ldct, f"LDCT of patient {p.patient_key}")
+            usable = (
+                np.ones(len(p.ldct), bool) if p.usable_slices is None else np.asarray(p.usable_slices, bool)
+            )
+            ok = np.flatnonzero(usable)
+            pairs.append(np.stack((np.full(len(ok), i), ok), axis=1))
+        self.patients = list(patients)
+        self.pairs = np.concatenate(pairs)
+        if not len(self.pairs):
+            raise ValueError("RegisteredDataset: no usable registered LDCT slice in any training patient")
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = self.rng(index)
+        i, k = (int(v) for v in self.pairs[rng.integers(len(self.pairs))])
+        p = self.patients[i]
+        ldct = self._plain(p.ldct)
+        y, x = self._position(rng, ldct, k)
+        t = self._transform(rng)
+        images = self._finish(
+            torch.stack(
+                (
+                    torch.from_numpy(self._crop(ldct, k, y, x, t)),
+                    torch.from_numpy(self._crop(self._plain(p.ndct_registered), k, y, x, t)),
+                )
+            )
+        )[0]
+        mask = self._crop(np.asarray(p.registered_mask[k : k + 1]), 0, y, x, t)
+        return {"input": images[:1], "target": images[1:], "mask": torch.from_numpy(mask)[None]}
+
+
 class SliceDataset(Dataset):
     """Whole slices for validation (``kind="val"``) or evaluation (``kind="eval"``).
 
     ``val`` items have ``input`` and ``target``: the LDCT slice and its aligned clean ``reference`` when
     the patient has one; else, for aligned studies, LDCT slice i and NDCT slice i; else the NDCT slice plus noise from ``noise`` (seeded by the item, so identical in every
-    epoch) and the NDCT slice. ``eval`` items have ``input`` (LDCT), ``ndct`` (the NDCT slice nearest in
+    epoch) and the NDCT slice. ``eval`` items have ``input`` (LDCT), ``ndct`` (the NDCT registered onto the LDCT slice when the study has
+    a registration, else the NDCT slice nearest in
     z; slice i for aligned studies), and ``reference`` and ``labels`` (int64) when every patient has them. Both kinds add
     ``patient_key`` and ``slice_index`` (of the LDCT slice, or of the NDCT slice for simulated items).
 
@@ -624,7 +756,9 @@ class SliceDataset(Dataset):
         elif source == "paired":
             out["input"], out["target"] = self._unit(p.ldct[k]), self._unit(p.ndct[other])
         else:
-            out["input"], out["ndct"] = self._unit(p.ldct[k]), self._unit(p.ndct[other])
+            # the paper protocol's NDCT: the registered one when the study has a registration
+            ndct = p.ndct[other] if p.ndct_registered is None else p.ndct_registered[k]
+            out["input"], out["ndct"] = self._unit(p.ldct[k]), self._unit(ndct)
             if self.with_truth:
                 out["reference"] = self._unit(p.reference[k])
             if self.with_labels:

@@ -65,6 +65,9 @@ class SeriesInfo:
         exposure_mas: mean Exposure over the slices that have it.
         ctdi_vol: mean CTDIvol over the slices that have it.
         series_description: SeriesDescription (may be empty).
+        frame_of_reference_key: hashed FrameOfReferenceUID (None when absent); positions are comparable
+            only between series that share it.
+        orientation: ImageOrientationPatient (None when absent).
     """
 
     series_uid: str = field(repr=False)  # a UID must not reach logs through repr()
@@ -82,6 +85,8 @@ class SeriesInfo:
     exposure_mas: float | None
     ctdi_vol: float | None
     series_description: str
+    frame_of_reference_key: str | None = None
+    orientation: tuple[float, ...] | None = None
 
     @property
     def n_slices(self) -> int:
@@ -109,6 +114,7 @@ class _SliceHeader:
     exposure: float | None
     ctdi_vol: float | None
     description: str
+    frame_of_reference: str = ""
 
 
 def _has_dicm_marker(path: Path) -> bool:
@@ -190,6 +196,7 @@ def _slice_header(path: Path, ds: Dataset) -> _SliceHeader:
         exposure=_float(ds, "Exposure"),
         ctdi_vol=_float(ds, "CTDIvol"),
         description=str(ds.get("SeriesDescription", "") or ""),
+        frame_of_reference=str(ds.get("FrameOfReferenceUID", "") or ""),
     )
 
 
@@ -287,6 +294,8 @@ def _make_series(series_uid: str, headers: Sequence[_SliceHeader], keys: Pseudon
         exposure_mas=_mean([h.exposure for h in headers]),
         ctdi_vol=_mean([h.ctdi_vol for h in headers]),
         series_description=first.description,
+        frame_of_reference_key=keys.key(first.frame_of_reference) if first.frame_of_reference else None,
+        orientation=first.orientation,
     )
 
 

@@ -10,7 +10,8 @@ noiseless reconstructions, ROI labels and an extra low-dose scan in the NDCT pos
 Output layout (see ``generate_dataset``)::
 
     dicom/<hex>/<hex>/<hex>.dcm     both series of every patient, randomly named and mixed
-    truth/<patient_key>.npz         clean_ld, labels_ld, z_ld | clean_nd, labels_nd, lowdose_nd, z_nd
+    truth/<patient_key>.npz         clean_ld, labels_ld, z_ld | clean_nd, labels_nd, lowdose_nd, z_nd |
+                                    ld_to_nd_matrix, ld_to_nd_offset (rigid truth, DICOM mm), table_offset_mm
     labels.json  manifest.csv  summary.json  overview.png
 """
 
@@ -77,8 +78,13 @@ class SyntheticConfig:
         dose_ratio: LDCT / NDCT dose (the paper's ~1.5 / 12 mGy is 1/8).
         electronic_noise_sd: electronic noise SD, in photon counts per detector reading.
         filter_name: FBP filter (``hann`` gives the mid-frequency noise texture of a soft-tissue kernel).
-        misalignment: scales the LDCT pose change (0 = same pose; 1 = a few mm, a few degrees, a few mm
-            of breathing and table offset).
+        misalignment: scales the LDCT pose change (0 = same pose, same frame, same slices; 1 = a few mm,
+            a few degrees, a few mm of breathing and of slice sampling).
+        table_offset_mm: largest |table offset| of the LDCT study: its own frame of reference puts the
+            same anatomy at z + offset, offset drawn per patient with a random sign and a size in
+            [min(20, max), max] mm (0: both series in one physical frame).
+        scan_range_slices: the LDCT covers up to this many slices more or fewer than the NDCT (at each
+            end independently, at least 2 slices in all).
         seed: random seed; the same seed gives identical arrays.
     """
 
@@ -94,6 +100,8 @@ class SyntheticConfig:
     electronic_noise_sd: float = 5.0
     filter_name: str = "hann"
     misalignment: float = 1.0
+    table_offset_mm: float = 150.0
+    scan_range_slices: int = 1
     seed: int = 0
 
     def resized(self, image_size: int) -> SyntheticConfig:
@@ -122,6 +130,8 @@ class SyntheticConfig:
             "dose_ratio": 0 < self.dose_ratio <= 1,
             "electronic_noise_sd": self.electronic_noise_sd >= 0,
             "misalignment": self.misalignment >= 0,
+            "table_offset_mm": self.table_offset_mm >= 0,
+            "scan_range_slices": self.scan_range_slices >= 0,
         }
         for key, ok in checks.items():
             if not ok:
@@ -237,6 +247,8 @@ class _Scan:
     ndct: np.ndarray
     ldct: np.ndarray
     lowdose_nd: np.ndarray
+    table_offset: float
+    pose: object
     ma_nd: float
     ma_ld: float
     dates: tuple[str, str]
@@ -268,18 +280,35 @@ def _simulate_patient(cfg: SyntheticConfig, index: int) -> _Scan:
     z_nd = np.round(centre + (np.arange(n) - (n - 1) / 2) * spacing, 2)
     anatomy = random_anatomy(rng, lesion_z=list(z_nd))
     pose = random_pose(rng, cfg.misalignment)
-    z_offset = rng.choice([-1.0, 1.0]) * rng.uniform(1.0, 3.0) * cfg.misalignment  # table (z) offset
-    z_ld = np.round(z_nd + z_offset, 2)
+    z_offset = rng.choice([-1.0, 1.0]) * rng.uniform(1.0, 3.0) * cfg.misalignment  # slice sampling (z) offset
+    # a second study (misalignment > 0): its own table position and scan range (own random stream, so
+    # that every other draw of a seed is as before)
+    study_rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, index, 1]))
+    table = cfg.table_offset_mm if cfg.misalignment > 0 else 0.0
+    table_offset = (
+        round(float(study_rng.choice([-1.0, 1.0]) * study_rng.uniform(min(20.0, table), table)), 2)
+        if table
+        else 0.0
+    )
+    # another scan range: up to scan_range_slices more or fewer slices at each end
+    extra = cfg.scan_range_slices if cfg.misalignment > 0 else 0
+    lo, hi = (int(v) for v in study_rng.integers(-extra, extra + 1, size=2))
+    if n + lo + hi < 2:
+        lo = hi = 0
+    k = np.arange(-lo, n + hi)
+    z_ld = np.round(centre + (k - (n - 1) / 2) * spacing + z_offset, 2)
 
     hu_nd, labels_nd = render_slices(anatomy, z_nd, cfg.image_size, cfg.pixel_mm)
     hu_ld, labels_ld = render_slices(anatomy, z_ld, cfg.image_size, cfg.pixel_mm, pose)
     sino = forward_project(hu_to_mu(torch.cat((hu_nd, hu_ld))), cfg.n_views, cfg.pixel_mm)
+    m = len(z_ld)
     sino_nd, sino_ld = sino[:n], sino[n:]
 
     # automatic exposure control on two different days: the tube current (and with it the photons per
     # ray) follows the patient's attenuation, so the noise is similar across patient sizes
     ma_nd = _aec_ma(sino_nd, cfg.pixel_mm) * rng.uniform(0.95, 1.05)
-    ma_ld = _aec_ma(sino_ld, cfg.pixel_mm) * rng.uniform(0.95, 1.05) * cfg.dose_ratio
+    # (the LDCT's exposure follows the same patient's attenuation, so another scan range keeps the dose ratio)
+    ma_ld = _aec_ma(sino_ld if m == n else sino_nd, cfg.pixel_mm) * rng.uniform(0.95, 1.05) * cfg.dose_ratio
     photons = cfg.photons_ndct / REFERENCE_MA
     e_sd = cfg.electronic_noise_sd
     noisy_nd = add_poisson_noise(sino_nd, photons * ma_nd, e_sd, gen)
@@ -289,7 +318,7 @@ def _simulate_patient(cfg: SyntheticConfig, index: int) -> _Scan:
         torch.cat((sino, noisy_nd, noisy_ld, noisy_lownd)), cfg.image_size, cfg.pixel_mm, cfg.filter_name
     )
     recon = mu_to_hu(recon).numpy()
-    clean_nd, clean_ld, ndct, ldct, lowdose_nd = np.split(recon, 5)
+    clean_nd, clean_ld, ndct, ldct, lowdose_nd = np.split(recon, np.cumsum([n, m, n, m]))
 
     day = dt.date(2023, 1, 1) + dt.timedelta(days=int(rng.integers(0, 300)))
     later = day + dt.timedelta(days=int(rng.integers(7, 60)))
@@ -306,6 +335,8 @@ def _simulate_patient(cfg: SyntheticConfig, index: int) -> _Scan:
         ndct=ndct,
         ldct=ldct,
         lowdose_nd=lowdose_nd,
+        table_offset=table_offset,
+        pose=pose,
         ma_nd=ma_nd,
         ma_ld=ma_ld,
         dates=(day.strftime("%Y%m%d"), later.strftime("%Y%m%d")),
@@ -343,22 +374,40 @@ def _series_spec(cfg: SyntheticConfig, scan: _Scan, role: str) -> CTSeriesSpec:
     )
 
 
+def rigid_truth(scan: _Scan) -> tuple[np.ndarray, np.ndarray]:
+    """The exact rigid part of the LDCT -> NDCT map in DICOM physical coordinates: ``nd = A @ ld + b``.
+
+    The LDCT pose undoes an in-plane shift, then rotates about the scanner axis; the LDCT frame of
+    reference puts the anatomy ``table_offset`` mm higher in z. (Breathing and the smooth warp of the
+    pose are not rigid and not part of it.)
+    """
+    c, s = math.cos(math.radians(scan.pose.rotation_deg)), math.sin(math.radians(scan.pose.rotation_deg))
+    matrix = np.array([[c, s, 0.0], [-s, c, 0.0], [0.0, 0.0, 1.0]])
+    shift = np.array([scan.pose.shift_mm[0], scan.pose.shift_mm[1], 0.0])
+    return matrix, -matrix @ shift + np.array([0.0, 0.0, -scan.table_offset])
+
+
 def _write_patient(
     out: Path, cfg: SyntheticConfig, scan: _Scan, folders: list[str], rng: np.random.Generator
 ):
     """Write both DICOM series (random names, mixed folders) and the truth file; return manifest rows."""
     rows = []
-    for role, volume, z in (("ldct", scan.ldct, scan.z_ld), ("ndct", scan.ndct, scan.z_nd)):
+    z_ld = scan.z_ld + scan.table_offset  # the LDCT study's own frame of reference
+    for role, volume, z in (("ldct", scan.ldct, z_ld), ("ndct", scan.ndct, scan.z_nd)):
         spec = _series_spec(cfg, scan, role)
         names = [f"{folders[int(rng.integers(len(folders)))]}/{rng.bytes(8).hex()}.dcm" for _ in z]
         write_ct_series(volume, spec, list(z + _TABLE_Z0), out / "dicom", names)
         rows.append({"series_uid": spec.series_uid, "role": role, "aligned": "false"})
     key = hash_identifier(scan.patient_id, out)
+    matrix, offset = rigid_truth(scan)
     np.savez(
         out / "truth" / f"{key}.npz",
         clean_ld=scan.clean_ld.astype(np.float32),
         labels_ld=scan.labels_ld,
-        z_ld=scan.z_ld + _TABLE_Z0,
+        z_ld=z_ld + _TABLE_Z0,
+        ld_to_nd_matrix=matrix,
+        ld_to_nd_offset=offset,
+        table_offset_mm=np.float64(scan.table_offset),
         clean_nd=scan.clean_nd.astype(np.float32),
         labels_nd=scan.labels_nd,
         lowdose_nd=scan.lowdose_nd.astype(np.float32),

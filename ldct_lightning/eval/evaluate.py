@@ -460,7 +460,10 @@ def evaluate(
         proposed: the method every other one is tested against; must be one of ``methods``.
         protocols: ``paper`` and/or ``reference``.
         boxes_file: ROI boxes per slice (``rois.read_boxes``); used by the paper protocol before masks.
-        register: rigidly register each NDCT slice to the input before the paper protocol (translation).
+        register: rigidly register each NDCT slice to the input before the paper protocol (translation);
+            on top of the data module's 3-D registration of studies in two frames of reference (their
+            ``ndct`` is already the NDCT registered onto the LDCT; its residual goes to
+            ``evaluation.json`` as ``ndct_registration_3d``).
         register_rotation: also search a rotation of up to 5 degrees (implies ``register``).
         progress: show a tqdm bar.
         max_slices: at most this many evenly spaced slices per patient (None: all).
@@ -678,6 +681,14 @@ def evaluate(
         "boxes_file": str(boxes_file) if boxes_file is not None else None,
         "register": register,
         "register_rotation": register_rotation,
+        # the paper protocol's NDCT of studies in two frames of reference is the 3-D registered one
+        "ndct_registration_3d": {
+            k: {
+                f: v.get(f) for f in ("z_offset_mm", "ncc_median", "residual_hu", "usable_fraction", "stages")
+            }
+            for k, v in getattr(datamodule, "registration_info", {}).items()
+            if k in slice_index_of
+        },
         "ndct_shape_mismatch_slices": shape_mismatch,
         "hu_range": [hu_min, hu_max],
         "windows": {k: list(v) for k, v in WINDOWS.items()},

@@ -14,6 +14,8 @@ from ldct_lightning.modules.base import DenoisingModule, OptimizerFactory, Sched
 class Stage1Module(DenoisingModule):
     """Supervised generator training: L1 + 2 (1 - SSIM) + perceptual loss on ``simulated`` batches.
 
+    A batch with a ``mask`` (``registered`` mode) restricts the loss to the masked pixels.
+
     Args:
         generator: the denoising network.
         loss: a module returning ``(total, {term: value})`` for ``(pred, target)``, e.g.
@@ -50,7 +52,14 @@ class Stage1Module(DenoisingModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         pred = self(batch["input"])
-        total, terms = self.loss(pred, batch["target"])
+        target = batch["target"]
+        if "mask" in batch:
+            # registered pairs: outside the well-registered mask the target is the (detached) prediction,
+            # so those pixels give no gradient (exact for L1; SSIM/perceptual windows see the blend)
+            mask = batch["mask"].to(pred.dtype)
+            target = mask * target + (1 - mask) * pred.detach()
+            self.log("train/mask_fraction", mask.mean(), batch_size=pred.shape[0])
+        total, terms = self.loss(pred, target)
         batch_size = pred.shape[0]
         self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
         self.log_dict({f"train/{k}": v for k, v in terms.items()}, batch_size=batch_size)

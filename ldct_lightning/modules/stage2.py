@@ -30,6 +30,17 @@ from ldct_lightning.modules.base import (
 from ldct_lightning.modules.handoff import load_generator_weights
 
 
+def masked_l1(pred: torch.Tensor, batch: dict[str, Any], weight: float) -> torch.Tensor:
+    """Mean |pred - registered| over the well-registered pixels of the batch (0 when there are none)."""
+    if "registered" not in batch or "registered_mask" not in batch:
+        raise KeyError(
+            f"registered_weight={weight:g} needs the registered NDCT in the batch: set data.unaligned_registered=true "
+            "(data with a registration: LDCT and NDCT in two frames of reference)"
+        )
+    mask = batch["registered_mask"].to(pred.dtype)
+    return ((pred - batch["registered"]).abs() * mask).sum() / mask.sum().clamp_min(1.0)
+
+
 class Stage2Module(DenoisingModule):
     """Adversarial generator training with a Wasserstein critic and gradient penalty on ``unaligned`` batches.
 
@@ -50,6 +61,9 @@ class Stage2Module(DenoisingModule):
         content_loss: a module ``(pred, ldct) -> loss`` (or ``-> (loss, terms)``); None with
             ``content_weight > 0`` means L1 to the LDCT input.
         content_weight: weight of the content term in the generator loss (0: adversarial only).
+        registered_weight: weight of an L1 term to the NDCT registered onto the LDCT crop, inside its
+            well-registered mask (batch keys ``registered``, ``registered_mask``: ``data.unaligned_registered``);
+            0 (default) adds nothing.
         generator_init: ``None`` / ``"random"`` (keep the generator's initialisation) or the path of a
             checkpoint (e.g. stage 1's) whose ``generator.*`` weights are loaded.
         panel_every_n_epochs: see :class:`DenoisingModule`.
@@ -72,6 +86,7 @@ class Stage2Module(DenoisingModule):
         lambda_gp: float = 10.0,
         content_loss: nn.Module | None = None,
         content_weight: float = 0.0,
+        registered_weight: float = 0.0,
         generator_init: str | None = None,
         panel_every_n_epochs: int = 10,
         freeze_generator_norm: bool = False,
@@ -82,8 +97,8 @@ class Stage2Module(DenoisingModule):
         self.freeze_generator_norm = freeze_generator_norm
         if n_critic < 1:
             raise ValueError(f"n_critic={n_critic}: must be at least 1")
-        if content_weight < 0:
-            raise ValueError(f"content_weight={content_weight}: must be >= 0")
+        if content_weight < 0 or registered_weight < 0:
+            raise ValueError(f"content_weight={content_weight}, registered_weight={registered_weight}: must be >= 0")
         self.save_hyperparameters(
             ignore=[
                 "generator",
@@ -102,6 +117,7 @@ class Stage2Module(DenoisingModule):
         self.n_critic = n_critic
         self.lambda_gp = lambda_gp
         self.content_weight = content_weight
+        self.registered_weight = registered_weight
         if content_loss is None and content_weight > 0:
             content_loss = nn.L1Loss()
         self.content_loss = content_loss
@@ -155,6 +171,10 @@ class Stage2Module(DenoisingModule):
                 content = content[0] if isinstance(content, tuple) else content
                 loss_g = loss_g + self.content_weight * content
                 self.log("train/content", content, batch_size=batch_size)
+            if self.registered_weight > 0:
+                registered = masked_l1(fake, batch, self.registered_weight)
+                loss_g = loss_g + self.registered_weight * registered
+                self.log("train/registered_l1", registered, batch_size=batch_size)
             opt_g.zero_grad()
             self.manual_backward(loss_g)
             opt_g.step()
