@@ -17,7 +17,7 @@ from ldct_lightning.losses import Stage1Loss
 from ldct_lightning.modules import stage2
 from ldct_lightning.pipeline import run
 
-EPOCHS = 3
+EPOCHS = 2
 N_CRITIC = 3  # conf/stage/second.yaml: a stage-2 batch is 1 + n_critic optimizer steps
 PINNED_BEST = ["callbacks.model_checkpoint.monitor=step", "callbacks.model_checkpoint.mode=min"]
 
@@ -78,3 +78,17 @@ def test_last_ckpt_holds_the_final_epoch_and_step_after_resume(
     last = load_ckpt(out / "second" / "checkpoints" / "last.ckpt")
     assert (last["epoch"], last["global_step"]) == (EPOCHS - 1, EPOCHS * STEPS_PER_EPOCH * (1 + N_CRITIC))
     assert [p.name for p in (out / "second" / "checkpoints").glob("best-*.ckpt")] == ["best-epoch000.ckpt"]
+
+
+def test_last_ckpt_is_not_left_at_the_best_epoch(tiny_dataset: Path, tmp_path: Path) -> None:
+    """Without an interruption: a best at epoch 0 must not pin last.ckpt there (Lightning 2.6 would)."""
+    out = tmp_path / "run"
+    run(
+        tiny_cfg(
+            tiny_dataset,
+            out,
+            ["ablation=firstStep", f"stages.first.max_epochs={EPOCHS}", *FAST, *PINNED_BEST],
+        )
+    )
+    last = load_ckpt(out / "first" / "checkpoints" / "last.ckpt")
+    assert (last["epoch"], last["global_step"]) == (EPOCHS - 1, EPOCHS * STEPS_PER_EPOCH)

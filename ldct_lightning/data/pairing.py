@@ -297,7 +297,10 @@ def _count(value: int | float, n: int, name: str) -> int:
 def _split_counts(n: int, n_val: int | float, n_test: int | float) -> tuple[int, int]:
     val, test = _count(n_val, n, "n_val"), _count(n_test, n, "n_test")
     if val + test > n:
-        raise PairingError(f"n_val ({val}) + n_test ({test}) exceed the {n} patients. Lower them")
+        raise PairingError(
+            f"n_val ({val}) + n_test ({test}) exceed the {n} patients. Lower them (data.n_val/data.n_test for "
+            "train.py, --n-val/--n-test for ldct-data-summary and ldct-evaluate)"
+        )
     return val, test
 
 
