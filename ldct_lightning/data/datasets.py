@@ -481,7 +481,9 @@ class UnalignedDataset(_CropDataset):
                 out["registered"] = torch.zeros_like(out[first])
                 out["registered_mask"] = torch.zeros_like(out[first])
             else:
-                out["registered"] = self._finish(self._crop(self._plain(patient.ndct_registered), k_ld, y, x, t))
+                out["registered"] = self._finish(
+                    self._crop(self._plain(patient.ndct_registered), k_ld, y, x, t)
+                )
                 mask = self._crop(np.asarray(patient.registered_mask[k_ld : k_ld + 1]), 0, y, x, t)
                 out["registered_mask"] = torch.from_numpy(mask)[None]
         return out

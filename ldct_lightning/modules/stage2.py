@@ -98,7 +98,9 @@ class Stage2Module(DenoisingModule):
         if n_critic < 1:
             raise ValueError(f"n_critic={n_critic}: must be at least 1")
         if content_weight < 0 or registered_weight < 0:
-            raise ValueError(f"content_weight={content_weight}, registered_weight={registered_weight}: must be >= 0")
+            raise ValueError(
+                f"content_weight={content_weight}, registered_weight={registered_weight}: must be >= 0"
+            )
         self.save_hyperparameters(
             ignore=[
                 "generator",
