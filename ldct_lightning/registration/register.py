@@ -47,7 +47,8 @@ class RegistrationConfig:
         affine: run the affine stage after the rigid one.
         deformable: ``none`` or ``bspline``.
         bspline_mesh_mm: B-spline control point spacing.
-        smooth_px: Gaussian smoothing (pixels) of both images for the quality measures.
+        smooth_mm: Gaussian smoothing (sigma in mm, at least one pixel) of both images for the quality
+            measures (the LDCT noise must not dominate them).
         body_erosion_mm: the quality measures use the body (holes filled) eroded by this much.
         local_radius_mm: window radius of the local NCC.
         local_ncc_threshold: local NCC above which a pixel is well registered.
@@ -70,7 +71,7 @@ class RegistrationConfig:
     affine: bool = True
     deformable: str = "none"
     bspline_mesh_mm: float = 80.0
-    smooth_px: float = 1.0
+    smooth_mm: float = 2.0
     body_erosion_mm: float = 10.0
     local_radius_mm: float = 10.0
     local_ncc_threshold: float = 0.5
@@ -412,7 +413,7 @@ def register_study(
     warped, inside = _warp_onto(nd_full, final, ldct_geom)
     ld = np.asarray(ldct, dtype=np.float32)
     body = _inner_body(ld, cfg.body_hu, cfg.body_erosion_mm / ldct_geom.pixel_mm[0]) & inside
-    sigma = cfg.smooth_px
+    sigma = max(1.0, cfg.smooth_mm / ldct_geom.pixel_mm[0])
     ncc = slice_ncc(ld, warped, body, sigma)
     radius = max(1, round(cfg.local_radius_mm / ldct_geom.pixel_mm[0]))
     good = registered_mask(
