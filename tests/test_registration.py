@@ -74,6 +74,21 @@ def test_known_rigid_transform_is_recovered(pair: dict) -> None:
     assert result.mask.mean() > 0.2  # most of the body (about half of each slice) is well registered
 
 
+def test_any_table_offset_between_frames_is_found(pair: dict) -> None:
+    # between two scanners' frames of reference the table positions can differ by metres: the z search must
+    # not be bounded by an absolute offset (it was 300 mm, which left such studies out as "no overlap")
+    extra = 760.0  # with the fixture's 40 mm: the anatomy 800 mm higher in the LDCT's frame
+    g_ld = pair["g_ld"]
+    far = VolumeGeometry(g_ld.shape, tuple(z + extra for z in g_ld.z_mm), g_ld.pixel_mm)
+    z0, score = z_offset_from_profiles(pair["ldct"], far, pair["ndct"], pair["g_nd"])
+    assert abs(z0 + TABLE_MM + extra) <= SPACING_MM and score > 0.5
+    result = register_study(pair["ldct"], far, pair["ndct"], pair["g_nd"], RegistrationConfig(), "p")
+    assert result.info["z_offset_mm"] == pytest.approx(-(TABLE_MM + extra), abs=1.5)
+    # a bound given explicitly still applies
+    bounded = z_offset_from_profiles(pair["ldct"], far, pair["ndct"], pair["g_nd"], search_mm=300.0)
+    assert abs(bounded[0] + TABLE_MM + extra) > 100.0
+
+
 def test_cache_computes_once_and_reuses(pair: dict, tmp_path: Path) -> None:
     args = (pair["ldct"], pair["g_ld"], pair["ndct"], pair["g_nd"], "a" * 32, "b" * 32, "p")
     first = RegistrationCache(tmp_path, RegistrationConfig(affine=False))

@@ -38,7 +38,9 @@ class RegistrationConfig:
     Attributes:
         resample_mm: common in-plane spacing of the registration (a coarser image keeps its own).
         body_hu: HU threshold between air and body.
-        z_search_mm: largest |z offset| searched by the profile initialisation.
+        z_search_mm: largest |z offset| searched by the profile initialisation; None (default): every
+            offset whose overlap is large enough, since between two frames of reference the table positions,
+            and with them the offset, can differ by any amount (hundreds of mm between scanners).
         min_overlap: smallest overlap of the two scan ranges, as a fraction of the shorter one.
         levels: in-plane shrink factors of the multi-resolution rigid stage (coarse to fine).
         iterations: optimiser iterations per level.
@@ -62,7 +64,7 @@ class RegistrationConfig:
 
     resample_mm: float = 2.0
     body_hu: float = -500.0
-    z_search_mm: float = 300.0
+    z_search_mm: float | None = None
     min_overlap: float = 0.5
     levels: tuple[int, ...] = (4, 2, 1)
     iterations: int = 100
@@ -86,7 +88,7 @@ class RegistrationConfig:
         object.__setattr__(self, "levels", tuple(int(v) for v in self.levels))
         problems = {
             "resample_mm": self.resample_mm > 0,
-            "z_search_mm": self.z_search_mm >= 0,
+            "z_search_mm": self.z_search_mm is None or self.z_search_mm >= 0,
             "min_overlap": 0 < self.min_overlap <= 1,
             "levels": bool(self.levels) and min(self.levels) >= 1,
             "iterations": self.iterations >= 1,
@@ -156,13 +158,13 @@ def z_offset_from_profiles(
     ndct: np.ndarray,
     ndct_geom: VolumeGeometry,
     body_hu: float = -500.0,
-    search_mm: float = 300.0,
+    search_mm: float | None = None,
     min_overlap: float = 0.5,
     step_mm: float = 0.5,
 ) -> tuple[float, float]:
     """The z offset (NDCT z - LDCT z) that best aligns the body-area and mean-HU profiles.
 
-    Each profile is interpolated onto a ``step_mm`` grid; for every offset within ``search_mm`` whose
+    Each profile is interpolated onto a ``step_mm`` grid; for every offset (within ``search_mm``, if given) whose
     overlap covers at least ``min_overlap`` of the shorter scan range, the NCC of both standardised
     features over the overlap is averaged.
 
@@ -185,7 +187,7 @@ def z_offset_from_profiles(
         if i1 - i0 < need:
             continue
         d = (-shift + base) * step_mm
-        if abs(d) > search_mm:
+        if search_mm is not None and abs(d) > search_mm:
             continue
         a, b = p_ld[i0:i1], p_nd[i0 - shift : i1 - shift]
         scores = []
