@@ -43,7 +43,7 @@ from ldct_lightning.eval.evaluate import (
     figure_box,
     load_figure_slices,
 )
-from ldct_lightning.eval.metrics import NOISE_ROIS, PAPER, REFERENCE, SSIM_KWARGS
+from ldct_lightning.eval.metrics import BONE_BAND, NOISE_ROIS, PAPER, REFERENCE, SSIM_KWARGS
 from ldct_lightning.eval.rois import LABEL_IDS, PAPER_ROIS, Box, erode_mask
 from ldct_lightning.eval.stats import PairedTestResult, compare_to_proposed, summarize
 from ldct_lightning.eval.tables import (
@@ -240,8 +240,8 @@ def build_tables(
     methods, rois, metrics = _present(patients, REFERENCE)
     if INPUT in methods and proposed in methods:
         ref_metrics = [m for w in windows for m in (f"psnr_{w}", f"ssim_{w}") if m in metrics]
-        ref_metrics += ["rmse_hu"] if "rmse_hu" in metrics else []
-        ref_rois = [r for r in ("slice", *PAPER_ROIS) if r in rois]
+        ref_metrics += [m for m in ("rmse_hu", "max_abs_err_hu") if m in metrics]
+        ref_rois = [r for r in ("slice", *PAPER_ROIS, BONE_BAND) if r in rois]
         kw = {**common, "protocol": REFERENCE, "metrics": ref_metrics, "rois": ref_rois}
         tables["reference_table3"] = table3(
             patients,
