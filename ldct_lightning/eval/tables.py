@@ -27,7 +27,7 @@ from ldct_lightning.eval.stats import (
 )
 
 PAPER_METRICS: tuple[str, ...] = ("psnr", "ssim", "rmse")
-ABLATIONS: tuple[str, ...] = ("proposed_eq9", "oneStep", "firstStep")
+ABLATIONS: tuple[str, ...] = ("oneStep", "firstStep")
 # column headers of the ROIs that are not organs; neither counts in the Mean of the ROI columns
 ROI_HEADERS: dict[str, str] = {"slice": "Full slice", "bone_band": "Bone band"}
 
