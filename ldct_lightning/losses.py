@@ -6,6 +6,7 @@ Images are in [0, 1] (HU scaled by ``hu_to_unit``), so SSIM uses ``data_range=1`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -100,6 +101,20 @@ def perceptual_loss(
         with torch.no_grad():  # the reference needs no graph: saves the activations' memory
             f_target = features(gray_to_vgg_input(target))
     return F.mse_loss(f_pred.float(), f_target.float())
+
+
+def gaussian_lowpass(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian low-pass (kernel side ``2 * ceil(3 sigma) + 1``, reflected borders) of images (B, C, H, W)."""
+    if sigma <= 0:
+        raise ValueError(f"gaussian_lowpass: sigma must be > 0, got {sigma}")
+    side = 2 * math.ceil(3 * sigma) + 1
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return kornia.filters.gaussian_blur2d(x.float(), (side, side), (sigma, sigma), border_type="reflect")
+
+
+def lowpass_l1(pred: torch.Tensor, reference: torch.Tensor, sigma: float) -> torch.Tensor:
+    """L1 between the Gaussian low-pass images: compares anatomy and mean HU, not noise (high-frequency)."""
+    return F.l1_loss(gaussian_lowpass(pred, sigma), gaussian_lowpass(reference, sigma))
 
 
 def gradient_penalty(
@@ -233,4 +248,70 @@ class Stage1Loss(nn.Module):
         if self.perceptual is not None:
             terms["perceptual"] = self.perceptual(pred, target)
             total = total + self.perceptual_weight * terms["perceptual"]
+        return total, {k: v.detach() for k, v in terms.items()}
+
+
+class Stage2Fidelity(nn.Module):
+    """Fidelity terms that keep the adversarial stage 2 near what stage 1 already got right (not in eq. 9).
+
+    ``anchor_l1_weight * L1(pred, anchor) + anchor_ssim_weight * (1 - SSIM(pred, anchor))
+    + lowpass_weight * L1(lowpass(pred), lowpass(ldct))``, where ``anchor`` is the frozen stage-1 generator's
+    output on the same LDCT crop and ``lowpass`` a Gaussian of ``lowpass_sigma`` pixels: noise is
+    high-frequency, anatomy and HU are not, so the low-pass LDCT is a fair target for the low-pass output.
+
+    Args:
+        anchor_l1_weight: weight of L1 to the stage-1 output.
+        anchor_ssim_weight: weight of 1 - SSIM to the stage-1 output.
+        lowpass_weight: weight of the low-frequency consistency with the LDCT input.
+        lowpass_sigma: Gaussian sigma of the low-pass, in pixels.
+    """
+
+    def __init__(
+        self,
+        anchor_l1_weight: float = 0.0,
+        anchor_ssim_weight: float = 0.0,
+        lowpass_weight: float = 0.0,
+        lowpass_sigma: float = 3.0,
+    ) -> None:
+        super().__init__()
+        if min(anchor_l1_weight, anchor_ssim_weight, lowpass_weight) < 0:
+            raise ValueError(
+                f"Stage2Fidelity weights must be >= 0, got anchor_l1={anchor_l1_weight}, "
+                f"anchor_ssim={anchor_ssim_weight}, lowpass={lowpass_weight}"
+            )
+        self.anchor_l1_weight = anchor_l1_weight
+        self.anchor_ssim_weight = anchor_ssim_weight
+        self.lowpass_weight = lowpass_weight
+        self.lowpass_sigma = lowpass_sigma
+
+    @property
+    def uses_anchor(self) -> bool:
+        """Whether a term needs the stage-1 output."""
+        return self.anchor_l1_weight > 0 or self.anchor_ssim_weight > 0
+
+    def forward(
+        self, pred: torch.Tensor, ldct: torch.Tensor, anchor: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total fidelity loss and its unweighted terms.
+
+        Args:
+            pred: generator output (B, 1, H, W) in [0, 1].
+            ldct: the generator's input, same shape.
+            anchor: the frozen stage-1 output, same shape; None skips the anchor terms.
+
+        Returns:
+            ``(total, terms)`` with the detached, unweighted terms ``anchor_l1``, ``anchor_ssim_loss``,
+            ``lowpass_l1`` (those with a weight > 0 that could be computed).
+        """
+        terms: dict[str, torch.Tensor] = {}
+        total = pred.new_zeros(())
+        if anchor is not None and self.anchor_l1_weight > 0:
+            terms["anchor_l1"] = l1_loss(pred, anchor)
+            total = total + self.anchor_l1_weight * terms["anchor_l1"]
+        if anchor is not None and self.anchor_ssim_weight > 0:
+            terms["anchor_ssim_loss"] = ssim_loss(pred, anchor)
+            total = total + self.anchor_ssim_weight * terms["anchor_ssim_loss"]
+        if self.lowpass_weight > 0:
+            terms["lowpass_l1"] = lowpass_l1(pred, ldct, self.lowpass_sigma)
+            total = total + self.lowpass_weight * terms["lowpass_l1"]
         return total, {k: v.detach() for k, v in terms.items()}

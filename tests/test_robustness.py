@@ -270,7 +270,14 @@ def test_stage2_nan_skip_mode_finishes_with_finite_weights(
     monkeypatch.setattr(stage2, "gradient_penalty", gp)
     out = tmp_path / "run"
     cfg = tiny_cfg(
-        tiny_dataset, out, ["ablation=oneStep", "stages.second.max_epochs=1", "callbacks.nonfinite.mode=skip"]
+        tiny_dataset,
+        out,
+        [
+            "ablation=oneStep",
+            "stages.second.max_epochs=1",
+            "callbacks.nonfinite.mode=skip",
+            "stages.second.module.critic_warmup_steps=0",  # generator steps from the first batch
+        ],
     )
     run(cfg)
     last = load_ckpt(out / "second" / "checkpoints" / "last.ckpt")

@@ -114,6 +114,8 @@ class LDCTDataModule(L.LightningDataModule):
         seed: seed of the training crops and the validation noise.
         val_max_slices: at most this many validation slices, evenly spaced per patient (None: all).
         min_foreground: smallest fraction of non-air pixels in a training crop (0: no check).
+        edge_crop_fraction: fraction of training crops that need only 5 % body instead of ``min_foreground``
+            (crops of the air / skin edge, which whole slices have); 0: none.
         z_tolerance_mm: unaligned mode: largest z distance between the LDCT and NDCT slice of a pair.
         xy_jitter: unaligned mode: largest shift (pixels) of the NDCT crop against the LDCT crop.
         progress: show progress bars while scanning and caching.
@@ -161,6 +163,7 @@ class LDCTDataModule(L.LightningDataModule):
         seed: int = 0,
         val_max_slices: int | None = 16,
         min_foreground: float = 0.0,
+        edge_crop_fraction: float = 0.0,
         z_tolerance_mm: float = 5.0,
         xy_jitter: int = 16,
         progress: bool = False,
@@ -192,6 +195,7 @@ class LDCTDataModule(L.LightningDataModule):
         self.seed = int(seed)
         self.val_max_slices = val_max_slices
         self.min_foreground = min_foreground
+        self.edge_crop_fraction = edge_crop_fraction
         self.z_tolerance_mm, self.xy_jitter = z_tolerance_mm, xy_jitter
         self.progress = progress
         self.train_ldct = train_ldct
@@ -242,6 +246,8 @@ class LDCTDataModule(L.LightningDataModule):
             fail("hu_max", f"must be greater than hu_min ({self.hu_min:g})")
         if not _is_number(self.min_foreground) or not 0 <= self.min_foreground <= 1:
             fail("min_foreground", "must be a fraction in [0, 1]")
+        if not _is_number(self.edge_crop_fraction) or not 0 <= self.edge_crop_fraction <= 1:
+            fail("edge_crop_fraction", "must be a fraction in [0, 1]")
         if not _is_number(self.z_tolerance_mm) or self.z_tolerance_mm < 0:
             fail("z_tolerance_mm", "must be a number >= 0 (mm)")
         if not _is_int(self.xy_jitter) or self.xy_jitter < 0:
@@ -690,6 +696,7 @@ class LDCTDataModule(L.LightningDataModule):
             key = "crop_size" if "crop_size" in str(e) else "train_mode"
             raise DataConfigError(f"data.{key}={getattr(self, key)!r}: {e}") from e
         dataset.samples_per_epoch = self.samples_per_epoch or max(default_n, self.batch_size)
+        dataset.edge_fraction = float(self.edge_crop_fraction)
         return dataset
 
     # ----------------------------------------------------------------------------------- dataloaders

@@ -193,10 +193,16 @@ class PatientBatchSampler(Sampler[list[int]]):
         return len(self.batches)
 
 
+EDGE_MIN_FOREGROUND = 0.05  # an edge crop: at least this fraction of body pixels
+
+
 class _CropDataset(Dataset):
     """Shared machinery: per-sample RNG, crop positions, foreground check, dihedral augmentation."""
 
     _stream = 0  # separates the random streams of the dataset classes for one seed
+    # fraction of crops held only to EDGE_MIN_FOREGROUND instead of min_foreground: crops of the air / skin edge,
+    # which whole slices have and >= 50 %-body crops rarely show (set by the DataModule, data.edge_crop_fraction)
+    edge_fraction: float = 0.0
 
     def __init__(
         self,
@@ -240,12 +246,16 @@ class _CropDataset(Dataset):
         s = self.crop_size
         h, w = volume.shape[1:]
         best, best_count = (0, 0), -1
+        min_foreground = self.min_foreground
+        # drawn only when used, so that edge_fraction = 0 keeps every crop position of a seed
+        if self.edge_fraction > 0 and min_foreground > 0 and rng.random() < self.edge_fraction:
+            min_foreground = min(min_foreground, EDGE_MIN_FOREGROUND)
         for _ in range(self.max_tries):
             y, x = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
-            if self.min_foreground <= 0:
+            if min_foreground <= 0:
                 return y, x
             count = np.count_nonzero(volume[k, y : y + s, x : x + s] > self.foreground_hu)
-            if count >= self.min_foreground * s * s:
+            if count >= min_foreground * s * s:
                 return y, x
             if count > best_count:
                 best, best_count = (y, x), count

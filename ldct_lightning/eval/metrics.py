@@ -23,7 +23,16 @@ from scipy import ndimage
 from skimage.metrics import mean_squared_error, peak_signal_noise_ratio, structural_similarity
 
 from ldct_lightning.data.normalize import WINDOWS, apply_window, hu_to_unit
-from ldct_lightning.eval.rois import LABELS, PAPER_ROIS, Box, erode_mask, label_mask, mask_to_box, ring_mask
+from ldct_lightning.eval.rois import (
+    LABELS,
+    PAPER_ROIS,
+    Box,
+    bone_band_mask,
+    erode_mask,
+    label_mask,
+    mask_to_box,
+    ring_mask,
+)
 
 PAPER = "paper"
 REFERENCE = "reference"
@@ -43,6 +52,8 @@ REFERENCE_ROIS: tuple[str, ...] = (
     "lesion",
 )
 NOISE_ROIS: tuple[str, ...] = ("heart", "liver", "spleen", "muscle", "fat")
+# soft tissue 1-5 px from bone (rois.bone_band_mask), from the reference image: shows bone smeared into tissue
+BONE_BAND = "bone_band"
 
 Roi = Box | np.ndarray  # a box, or a boolean mask of the slice's shape
 
@@ -196,6 +207,12 @@ def windowed_ssim_map(
     return smap
 
 
+def max_abs_error_hu(pred_hu: np.ndarray, ref_hu: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """The largest absolute HU error, over the image or a boolean mask."""
+    diff = np.abs(np.asarray(pred_hu, dtype=np.float64) - np.asarray(ref_hu, dtype=np.float64))
+    return float(diff[mask].max() if mask is not None else diff.max())
+
+
 def rmse_hu(pred_hu: np.ndarray, ref_hu: np.ndarray, mask: np.ndarray | None = None) -> float:
     """RMSE in HU (no clipping), over a mask when given."""
     pred_hu, ref_hu = _check_pair(pred_hu, ref_hu)
@@ -317,10 +334,11 @@ def score_slice(
 
     ``paper`` records need ``ndct_hu``; ROIs are ``boxes`` first, else the bounding boxes of the ``labels``
     masks. ``reference`` records need ``reference_hu``; ROIs are ``labels`` masks first, else boxes, plus
-    ``roi="slice"`` for the full slice. An ROI absent from the slice gives no record.
+    ``roi="slice"`` for the full slice and ``roi="bone_band"`` (soft tissue 1-5 px from bone in the reference). An ROI absent from the slice gives no record.
 
     Metric names: paper ``psnr``, ``psnr_max1``, ``ssim``, ``rmse`` (see :func:`paper_metrics`); reference
-    ``psnr_<window>``, ``ssim_<window>`` (data range 1 after the window), ``rmse_hu``, ``noise_sd_diff_hu`` (SD
+    ``psnr_<window>``, ``ssim_<window>`` (data range 1 after the window), ``rmse_hu``, ``max_abs_err_hu`` (largest
+    absolute error; full slice and bone band), ``noise_sd_diff_hu`` (SD
     of pred - reference in the eroded mask), ``sd_hu`` (SD of pred in the eroded mask), ``cnr`` (roi
     ``lesion``, against ``lesion_background``).
 
@@ -378,7 +396,11 @@ def score_slice(
             add(REFERENCE, "slice", f"psnr_{w}", windowed_psnr(pred_hu, reference_hu, w))
             add(REFERENCE, "slice", f"ssim_{w}", float(smaps[w][pad:-pad, pad:-pad].mean()))
         add(REFERENCE, "slice", "rmse_hu", rmse_hu(pred_hu, reference_hu))
+        add(REFERENCE, "slice", "max_abs_err_hu", max_abs_error_hu(pred_hu, reference_hu))
         rois = _resolve_rois(reference_rois, labels, boxes, label_ids, prefer_boxes=False)
+        band = bone_band_mask(reference_hu)
+        if band.any():
+            rois[BONE_BAND] = band
         for name, roi in rois.items():
             mask = roi.to_mask(pred_hu.shape) if isinstance(roi, Box) else roi
             for w in windows:
@@ -390,6 +412,8 @@ def score_slice(
                 add(REFERENCE, name, f"psnr_{w}", windowed_psnr(pred_hu, reference_hu, w, mask))
                 add(REFERENCE, name, f"ssim_{w}", float(smaps[w][mask].mean()))
             add(REFERENCE, name, "rmse_hu", rmse_hu(pred_hu, reference_hu, mask))
+            if name == BONE_BAND:
+                add(REFERENCE, name, "max_abs_err_hu", max_abs_error_hu(pred_hu, reference_hu, mask))
             if name in noise_rois:
                 add(REFERENCE, name, "noise_sd_diff_hu", noise_sd(pred_hu, mask, reference_hu, erosion_px))
                 add(REFERENCE, name, "sd_hu", noise_sd(pred_hu, mask, None, erosion_px))

@@ -43,7 +43,7 @@ from ldct_lightning.eval.evaluate import (
     figure_box,
     load_figure_slices,
 )
-from ldct_lightning.eval.metrics import NOISE_ROIS, PAPER, REFERENCE, SSIM_KWARGS
+from ldct_lightning.eval.metrics import BONE_BAND, NOISE_ROIS, PAPER, REFERENCE, SSIM_KWARGS
 from ldct_lightning.eval.rois import LABEL_IDS, PAPER_ROIS, Box, erode_mask
 from ldct_lightning.eval.stats import PairedTestResult, compare_to_proposed, summarize
 from ldct_lightning.eval.tables import (
@@ -207,7 +207,8 @@ def build_tables(
     proposed = result.proposed
     order = [m for m in result.methods if m != INPUT]
     baselines = [m for m in order if m != proposed]
-    ablations = [a for a in ABLATIONS if a in order and a != proposed]
+    # the paper-literal proposed method (ablation=proposed_eq9) is a row of the ablation table when it was run
+    ablations = [a for a in ("proposed_eq9", *ABLATIONS) if a in order and a != proposed]
     windows = list(result.info.get("windows", {"abdomen": None}))
     common = {"tests": ttests, "alpha": alpha, "with_sd": True, "mark": "p"}
     tables: dict[str, ResultTable] = {}
@@ -240,8 +241,8 @@ def build_tables(
     methods, rois, metrics = _present(patients, REFERENCE)
     if INPUT in methods and proposed in methods:
         ref_metrics = [m for w in windows for m in (f"psnr_{w}", f"ssim_{w}") if m in metrics]
-        ref_metrics += ["rmse_hu"] if "rmse_hu" in metrics else []
-        ref_rois = [r for r in ("slice", *PAPER_ROIS) if r in rois]
+        ref_metrics += [m for m in ("rmse_hu", "max_abs_err_hu") if m in metrics]
+        ref_rois = [r for r in ("slice", *PAPER_ROIS, BONE_BAND) if r in rois]
         kw = {**common, "protocol": REFERENCE, "metrics": ref_metrics, "rois": ref_rois}
         tables["reference_table3"] = table3(
             patients,

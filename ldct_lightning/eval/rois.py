@@ -211,6 +211,38 @@ def ring_mask(mask: np.ndarray, width: int = 5, gap: int = 1) -> np.ndarray:
     return outer & ~inner
 
 
+BONE_HU = 300.0  # above: bone (cortical and dense trabecular), for the bone-adjacent band
+SOFT_TISSUE_HU = (-300.0, 300.0)  # fat, water, muscle, organs; leaves out air, lung and bone
+
+
+def bone_band_mask(
+    reference_hu: np.ndarray,
+    width: int = 5,
+    bone_hu: float = BONE_HU,
+    soft_tissue_hu: tuple[float, float] = SOFT_TISSUE_HU,
+) -> np.ndarray:
+    """Soft tissue 1 to ``width`` pixels from bone: where a denoiser that smears bone errs most.
+
+    ``ring_mask(reference > bone_hu, width, gap=0)`` restricted to reference pixels in ``soft_tissue_hu``
+    (defined on the ground truth, so every method is scored on the same pixels).
+
+    Args:
+        reference_hu: the aligned ground truth in HU (H, W).
+        width: band width in pixels (steps of a 4-connected dilation).
+        bone_hu: threshold of bone.
+        soft_tissue_hu: ``[low, high)`` HU range kept in the band.
+
+    Returns:
+        Boolean (H, W) mask; empty when the slice has no bone.
+    """
+    reference_hu = np.asarray(reference_hu)
+    bone = reference_hu > bone_hu
+    if not bone.any():
+        return np.zeros(reference_hu.shape, dtype=bool)
+    low, high = soft_tissue_hu
+    return ring_mask(bone, width=width, gap=0) & (reference_hu >= low) & (reference_hu < high)
+
+
 @dataclass(frozen=True)
 class Registration:
     """Result of :func:`register_rigid`.

@@ -28,6 +28,8 @@ from ldct_lightning.eval.stats import (
 
 PAPER_METRICS: tuple[str, ...] = ("psnr", "ssim", "rmse")
 ABLATIONS: tuple[str, ...] = ("oneStep", "firstStep")
+# column headers of the ROIs that are not organs; neither counts in the Mean of the ROI columns
+ROI_HEADERS: dict[str, str] = {"slice": "Full slice", "bone_band": "Bone band"}
 
 
 def metric_label(metric: str) -> str:
@@ -38,6 +40,7 @@ def metric_label(metric: str) -> str:
         "rmse": "RMSE",
         "psnr_max1": "PSNR (MAX=1)",
         "rmse_hu": "RMSE (HU)",
+        "max_abs_err_hu": "Max abs. error (HU)",
         "noise_sd_diff_hu": "Noise SD of difference (HU)",
         "sd_hu": "SD (HU)",
         "cnr": "CNR",
@@ -88,7 +91,7 @@ class ResultTable:
         return [
             "Metric",
             "Method",
-            *("Full slice" if r == "slice" else r.capitalize() for r in self.rois),
+            *(ROI_HEADERS.get(r, r.capitalize()) for r in self.rois),
             "Mean",
         ]
 
@@ -179,7 +182,7 @@ def build_table(
                 p = pvals.get((method, roi, metric), float("nan"))
                 marked = method != proposed and not math.isnan(p) and p < alpha
                 cells[(metric, method, roi)] = Cell(m, s, sum(not math.isnan(v) for v in vals), marked)
-                if roi != "slice":  # the full slice is not an ROI of the Mean
+                if roi not in ROI_HEADERS:  # the full slice and the bone band are not organ ROIs of the Mean
                     roi_means.append(m)
             finite = [v for v in roi_means if not math.isnan(v)]
             row_means[(metric, method)] = float(np.mean(finite)) if finite else float("nan")
@@ -190,7 +193,7 @@ def build_table(
     footnote = (
         f"* p < {alpha:g} ({test_name} against {(display_names or {}).get(proposed, proposed)}"
         f" on per-patient means, {correction}); {n_patients} patients; protocol '{protocol}'; "
-        "Mean = mean of the ROI columns."
+        "Mean = mean of the organ ROI columns."
     )
     return ResultTable(
         title=title,

@@ -9,6 +9,15 @@ Logs are per batch (Lightning's logging step counts batches).
 DDP: each backward leaves one network without gradients (the generator in the critic's backward, the critic in
 the generator's, as the optimizers are toggled), so DDP needs ``strategy=ddp_find_unused_parameters_true``.
 Gradient clipping is not applied (Lightning does not clip under manual optimization).
+
+Beyond eq. 9 (each off by the module's defaults; the configs' default turns them on, see README):
+
+- a critic warm-up: the first ``critic_warmup_steps`` critic updates run against the frozen initial (stage-1)
+  generator, with no generator update, so that the generator never follows a random critic;
+- a fidelity term (:class:`ldct_lightning.losses.Stage2Fidelity`): L1/SSIM to the frozen stage-1 output
+  ("anchor") and a low-frequency consistency with the LDCT input;
+- an EMA of the generator's weights: validated, and written as the checkpoint's ``generator.*`` weights (the
+  ones evaluation and denoising load); the trained weights are kept as ``online_generator.*`` for resuming.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ import torch
 from torch import nn
 
 from ldct_lightning.data.normalize import HU_MAX, HU_MIN
-from ldct_lightning.losses import gradient_penalty
+from ldct_lightning.losses import Stage2Fidelity, gradient_penalty
 from ldct_lightning.modules.base import (
     DenoisingModule,
     OptimizerFactory,
@@ -27,7 +36,11 @@ from ldct_lightning.modules.base import (
     optimizer_config,
     step_schedulers,
 )
+from ldct_lightning.modules.ema import ema_update, frozen_copy
 from ldct_lightning.modules.handoff import load_generator_weights
+
+EMA_PREFIX = "ema_generator."
+ONLINE_PREFIX = "online_generator."
 
 
 def masked_l1(pred: torch.Tensor, batch: dict[str, Any], weight: float) -> torch.Tensor:
@@ -70,6 +83,12 @@ class Stage2Module(DenoisingModule):
         freeze_generator_norm: keep the generator's batch-norm layers in eval mode (stage-1 running statistics,
             not updated) during training. The paper says nothing; off by default. On the synthetic sets, merely
             re-estimating the statistics on LDCT crops cost the stage-1 generator about 3 dB.
+        critic_warmup_steps: critic-only updates (``n_critic`` per batch) against the frozen initial generator
+            before the first generator update (0: none, as in the paper).
+        fidelity: a :class:`ldct_lightning.losses.Stage2Fidelity` added to the generator loss; None: none (eq. 9).
+            Its anchor terms need a stage-1 generator (``generator_init`` a checkpoint): with a random
+            initialisation they are skipped (a random network is no anchor).
+        ema_decay: decay of the EMA of the generator's weights (None: no EMA, the trained weights are used).
         hu_min: HU mapped to 0 by the data normalisation.
         hu_max: HU mapped to 1 by the data normalisation.
     """
@@ -90,6 +109,9 @@ class Stage2Module(DenoisingModule):
         generator_init: str | None = None,
         panel_every_n_epochs: int = 10,
         freeze_generator_norm: bool = False,
+        critic_warmup_steps: int = 0,
+        fidelity: Stage2Fidelity | None = None,
+        ema_decay: float | None = None,
         hu_min: float = HU_MIN,
         hu_max: float = HU_MAX,
     ) -> None:
@@ -101,6 +123,10 @@ class Stage2Module(DenoisingModule):
             raise ValueError(
                 f"content_weight={content_weight}, registered_weight={registered_weight}: must be >= 0"
             )
+        if critic_warmup_steps < 0:
+            raise ValueError(f"critic_warmup_steps={critic_warmup_steps}: must be >= 0")
+        if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay={ema_decay}: must lie in [0, 1), or null for no EMA")
         self.save_hyperparameters(
             ignore=[
                 "generator",
@@ -110,6 +136,7 @@ class Stage2Module(DenoisingModule):
                 "scheduler_g",
                 "scheduler_c",
                 "content_loss",
+                "fidelity",
             ]
         )
         self.automatic_optimization = False
@@ -126,19 +153,56 @@ class Stage2Module(DenoisingModule):
         if content_loss is not None and content_loss.state_dict():
             # e.g. a frozen VGG loaded from its own file: kept out of checkpoints (see on_save_checkpoint)
             self.strict_loading = False
-        if generator_init not in (None, "random"):
+        from_checkpoint = generator_init not in (None, "random")
+        if from_checkpoint:
             load_generator_weights(self.generator, generator_init)
+        self.critic_warmup_steps = int(critic_warmup_steps)
+        # critic updates done so far (a buffer: saved in checkpoints, so a resumed run does not warm up again)
+        self.register_buffer("critic_updates", torch.zeros((), dtype=torch.long))
+        self.fidelity = fidelity
+        # the frozen stage-1 generator; rebuilt from generator_init when resuming, never saved
+        self.anchor: nn.Module | None = None
+        if fidelity is not None and fidelity.uses_anchor and from_checkpoint:
+            self.anchor = frozen_copy(self.generator)
+            self.strict_loading = False
+        self.ema_decay = ema_decay
+        self.ema_generator = frozen_copy(self.generator) if ema_decay is not None else None
         self._grad_norms: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Denoise with the EMA generator when there is one (validation, prediction), else the trained one."""
+        return (self.ema_generator if self.ema_generator is not None else self.generator)(x)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith("content_loss.")]:
+        for key in [k for k in state if k.startswith(("content_loss.", "anchor.", "fidelity."))]:
             del state[key]
+        if self.ema_generator is not None:
+            # export: generator.* holds the EMA weights (what evaluation and denoising load)
+            for key in [k for k in state if k.startswith("generator.")]:
+                state[ONLINE_PREFIX + key[len("generator.") :]] = state.pop(key)
+            for key in [k for k in state if k.startswith(EMA_PREFIX)]:
+                state["generator." + key[len(EMA_PREFIX) :]] = state.pop(key)
         # the weights are in this checkpoint: reloading it must not need the stage-1 file any more
         hparams = checkpoint.get("hyper_parameters", {})
         if hparams.get("generator_init") not in (None, "random"):
             checkpoint["generator_init_source"] = str(hparams["generator_init"])
             hparams["generator_init"] = None
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # undo the export of on_save_checkpoint: generator.* back to the EMA, online_generator.* to the generator
+        state = checkpoint["state_dict"]
+        online = [k for k in state if k.startswith(ONLINE_PREFIX)]
+        if not online:
+            return
+        if self.ema_generator is None:
+            raise ValueError(
+                "this stage-2 checkpoint holds an EMA generator: load it with ema_decay set (as it was trained)"
+            )
+        for key in [k for k in state if k.startswith("generator.")]:
+            state[EMA_PREFIX + key[len("generator.") :]] = state.pop(key)
+        for key in online:
+            state["generator." + key[len(ONLINE_PREFIX) :]] = state.pop(key)
 
     def on_train_epoch_start(self) -> None:
         if self.freeze_generator_norm:
@@ -146,14 +210,31 @@ class Stage2Module(DenoisingModule):
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
 
+    def in_critic_warmup(self) -> bool:
+        """Whether the next batch only updates the critic (warm-up against the frozen initial generator)."""
+        return int(self.critic_updates) < self.critic_warmup_steps
+
+    def _frozen_forward(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``net(x)`` in eval mode without a graph; the modes of its layers are restored afterwards."""
+        modes = [(m, m.training) for m in net.modules()]
+        net.eval()
+        try:
+            with torch.no_grad():
+                return net(x)
+        finally:
+            for m, mode in modes:
+                m.train(mode)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         ldct, ndct = batch["ldct"], batch["ndct"]
         opt_g, opt_c = self.optimizers()
         batch_size = ldct.shape[0]
+        warmup = self.in_critic_warmup()
         # The generator does not change during the critic updates, so one forward pass serves them (detached)
         # and the generator update (with its graph): the same numbers as recomputing G(ldct) each time, one
         # batch-norm statistics update per batch, at the cost of keeping its activations through the critic updates.
-        fake = self.generator(ldct)
+        # During the warm-up the generator is frozen: eval mode, no graph, no statistics update.
+        fake = self._frozen_forward(self.generator, ldct) if warmup else self.generator(ldct)
 
         with self.toggled_optimizer(opt_c):
             for _ in range(self.n_critic):
@@ -164,6 +245,18 @@ class Stage2Module(DenoisingModule):
                 opt_c.zero_grad()
                 self.manual_backward(loss_c)
                 opt_c.step()
+                self.critic_updates += 1
+
+        critic_logs = {
+            # the last critic update's estimate; its negative is the critic's loss without the penalty
+            "train/wasserstein": (score_real - score_fake).detach(),
+            "train/gp": gp.detach(),
+            "train/loss_critic": loss_c.detach(),
+        }
+        if warmup:
+            norms = {f"train/grad_norm_{k}": v for k, v in self._grad_norms.items() if k == "critic"}
+            self.log_dict({**critic_logs, **norms, "train/critic_warmup": 1.0}, batch_size=batch_size)
+            return
 
         with self.toggled_optimizer(opt_g):
             loss_adv = -self.critic(fake).mean()
@@ -177,17 +270,22 @@ class Stage2Module(DenoisingModule):
                 registered = masked_l1(fake, batch, self.registered_weight)
                 loss_g = loss_g + self.registered_weight * registered
                 self.log("train/registered_l1", registered, batch_size=batch_size)
+            if self.fidelity is not None:
+                anchor = self._frozen_forward(self.anchor, ldct) if self.anchor is not None else None
+                fidelity, terms = self.fidelity(fake, ldct, anchor)
+                loss_g = loss_g + fidelity
+                self.log_dict({f"train/{k}": v for k, v in terms.items()}, batch_size=batch_size)
             opt_g.zero_grad()
             self.manual_backward(loss_g)
             opt_g.step()
+        if self.ema_generator is not None:
+            ema_update(self.ema_generator, self.generator, self.ema_decay)
 
         self.log("train/loss_generator", loss_g, prog_bar=True, batch_size=batch_size)
         self.log_dict(
             {
-                # the last critic update's estimate; its negative is the critic's loss without the penalty
-                "train/wasserstein": (score_real - score_fake).detach(),
-                "train/gp": gp.detach(),
-                "train/loss_critic": loss_c.detach(),
+                **critic_logs,
+                "train/critic_warmup": 0.0,
                 "train/loss_adversarial": loss_adv.detach(),
                 **{f"train/grad_norm_{name}": norm for name, norm in self._grad_norms.items()},
             },
