@@ -23,7 +23,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,34 @@ def stat_key(files: Sequence[str | Path]) -> str:
         st = os.stat(path)
         digest.update(f"{Path(path).resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return digest.hexdigest()
+
+
+@contextmanager
+def building_folder(final: Path, done_file: str) -> Iterator[Path]:
+    """Build a cache entry folder atomically: yield a temporary folder beside ``final``, then rename it.
+
+    An error inside the block leaves nothing behind; when another process finished the same entry first
+    (``final/done_file`` exists), its entry is kept.
+
+    Args:
+        final: the entry's folder.
+        done_file: the file whose presence marks a finished entry.
+
+    Yields:
+        The temporary folder to write the entry's files into.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes the folder private; the cache may be shared
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process finished the same entry first
+            if not (final / done_file).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def hu_to_int16(hu: np.ndarray, out: np.ndarray) -> None:
@@ -230,23 +259,13 @@ class SeriesCache:
         key = content_key([path])
         folder = self.cache_dir / "npz" / key
         if not (folder / "done").is_file():
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=folder.parent))
-            try:
+            with building_folder(folder, "done") as tmp:
                 with np.load(path, allow_pickle=False) as data:
                     for name in data.files:
                         np.save(tmp / f"{name}.npy", data[name])
                 (tmp / "done").write_text(
                     json.dumps({"format_version": CACHE_FORMAT_VERSION, "arrays": data.files})
                 )
-                os.chmod(tmp, 0o755)  # mkdtemp makes the folder private
-                try:
-                    os.replace(tmp, folder)
-                except OSError:  # another process finished the same entry first
-                    if not (folder / "done").is_file():
-                        raise
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
             self.builds += 1
         names = json.loads((folder / "done").read_text())["arrays"]
         return {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in names}

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ldct_lightning.data.cache import hu_to_int16
+from ldct_lightning.data.cache import building_folder, hu_to_int16
 from ldct_lightning.registration.geometry import Correspondence, VolumeGeometry
 from ldct_lightning.registration.register import RegistrationConfig, RegistrationResult, register_study
 
@@ -93,9 +90,7 @@ class RegistrationCache:
         return self._read(entry)
 
     def _write(self, entry: Path, result: RegistrationResult, patient: str) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=self.folder))
-        try:
+        with building_folder(entry, "result.json") as tmp:
             warped = np.empty(result.warped.shape, np.int16)
             hu_to_int16(result.warped.astype(np.float32), warped)
             np.save(tmp / "warped.npy", warped)
@@ -118,14 +113,6 @@ class RegistrationCache:
                     indent=1,
                 )
             )
-            os.chmod(tmp, 0o755)  # mkdtemp makes the folder private; the cache may be shared
-            try:
-                os.replace(tmp, entry)
-            except OSError:  # another process finished the same entry first
-                if not (entry / "result.json").is_file():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     @staticmethod
     def _read(entry: Path) -> CachedRegistration:
