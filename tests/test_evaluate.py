@@ -350,3 +350,24 @@ def test_tiny_synthetic_set(tiny_dataset: Path, tmp_path: Path) -> None:
     report = write_report(result, log_to_wandb=False)
     assert (result.out_dir / "figures" / "histograms_1.png").is_file()
     assert "Not computed" not in report.report_path.read_text()
+
+
+def test_report_describes_the_3d_registration_of_two_frame_studies() -> None:
+    # studies in two frames of reference: the paper protocol's NDCT is the 3-D registered one, and the report
+    # must say so with the mean NCC and residual (not "NOT aligned", not the per-slice rigid text)
+    from types import SimpleNamespace
+
+    from ldct_lightning.eval.report import ndct_label, protocol_statements
+
+    studies = {
+        "a": {"z_offset_mm": -70.0, "ncc_median": 0.94, "residual_hu": 10.0},
+        "b": {"z_offset_mm": 53.0, "ncc_median": 0.96, "residual_hu": 14.0},
+    }
+    info = {"register": False, "ndct_registration_3d": studies}
+    result = SimpleNamespace(info=info, registration=[], protocols=["paper", "reference"])
+    text = protocol_statements(result)["paper"]
+    assert "registered in 3-D" in text and "NOT aligned" not in text
+    assert "2 test studies" in text and "NCC inside the body 0.950" in text and "residual 12.0 HU" in text
+    assert ndct_label(info) == "NDCT, registered in 3-D onto the input"
+    assert ndct_label({"ndct_registration_3d": {}}) == "NDCT, nearest slice in z, not aligned"
+    assert ndct_label({"register": True, "ndct_registration_3d": studies}).startswith("NDCT, rigidly")
