@@ -1,4 +1,9 @@
-"""Exponential moving average (EMA) of a network's weights, for the stage-2 generator."""
+"""Exponential moving average (EMA) of a network's weights, for the stage-2 generator.
+
+Why not ``torch.optim.swa_utils.AveragedModel``: it wraps the network (``module.*`` keys plus an ``n_averaged``
+buffer), while the stage-2 checkpoint exports the EMA as a plain generator state dict (``generator.*``) that
+ldct-denoise and stage-2 hand-offs load unchanged; the update itself is one ``lerp_`` per parameter.
+"""
 
 from __future__ import annotations
 
