@@ -9,7 +9,9 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
+import lightning as L
 import pytest
+import torch
 from test_pipeline import tiny_cfg
 from test_robustness import FAST, STEPS_PER_EPOCH, load_ckpt
 
@@ -45,6 +47,27 @@ def _run_interrupted(cfg) -> None:
         signal.signal(signal.SIGINT, sigint)
 
 
+def _record_trained_generators(monkeypatch) -> dict[str, dict[str, torch.Tensor]]:
+    """Module class name -> the generator weights it exports (the EMA when it has one) when its fit returns."""
+    trained: dict[str, dict[str, torch.Tensor]] = {}
+    original = L.Trainer.fit
+
+    def fit(self, model, *args, **kwargs):
+        result = original(self, model, *args, **kwargs)
+        net = getattr(model, "ema_generator", None) or model.generator
+        trained[type(model).__name__] = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        return result
+
+    monkeypatch.setattr(L.Trainer, "fit", fit)
+    return trained
+
+
+def _assert_generator_equals(ckpt: dict, weights: dict[str, torch.Tensor]) -> None:
+    state = {k[len("generator.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("generator.")}
+    assert state.keys() == weights.keys()
+    assert all(torch.equal(state[k], weights[k]) for k in weights)
+
+
 def test_last_ckpt_holds_the_final_epoch_and_step_after_resume(
     tiny_dataset: Path, tmp_path: Path, monkeypatch
 ):
@@ -65,9 +88,12 @@ def test_last_ckpt_holds_the_final_epoch_and_step_after_resume(
     monkeypatch.undo()
     # resume: stage 1 to the end, then stage 2 until Ctrl-C in its second epoch
     _interrupt_at_call(monkeypatch, stage2, "gradient_penalty", N_CRITIC * (STEPS_PER_EPOCH + 1) + 1)
+    trained = _record_trained_generators(monkeypatch)
     _run_interrupted(tiny_cfg(tiny_dataset, out, [*args, "ckpt_path=last"]))
     monkeypatch.undo()
     first = out / "first" / "checkpoints"
+    # the weights in last.ckpt are the ones stage 1 ended its resumed fit with
+    _assert_generator_equals(load_ckpt(first / "last.ckpt"), trained["Stage1Module"])
     assert (load_ckpt(first / "last.ckpt")["epoch"], load_ckpt(first / "last.ckpt")["global_step"]) == (
         EPOCHS - 1,
         EPOCHS * STEPS_PER_EPOCH,
@@ -76,9 +102,16 @@ def test_last_ckpt_holds_the_final_epoch_and_step_after_resume(
     interrupted = load_ckpt(out / "second" / "checkpoints" / "last.ckpt")
     assert interrupted["epoch"] == 1 and interrupted["global_step"] < 2 * STEPS_PER_EPOCH * (1 + N_CRITIC)
     # resume again: stage 2 to the end
+    trained = _record_trained_generators(monkeypatch)
     run(tiny_cfg(tiny_dataset, out, [*args, "ckpt_path=last"]))
     last = load_ckpt(out / "second" / "checkpoints" / "last.ckpt")
     assert (last["epoch"], last["global_step"]) == (EPOCHS - 1, EPOCHS * STEPS_PER_EPOCH * (1 + N_CRITIC))
+    _assert_generator_equals(last, trained["Stage2Module"])  # the resumed stage 2's final (EMA) generator
+    assert not all(  # and it trained on after the interruption
+        torch.equal(last["state_dict"][k], v)
+        for k, v in interrupted["state_dict"].items()
+        if k.startswith("generator.")
+    )
     assert [p.name for p in (out / "second" / "checkpoints").glob("best-*.ckpt")] == ["best-epoch000.ckpt"]
 
 
