@@ -15,6 +15,8 @@ import argparse
 import csv
 import json
 import os
+import re
+import statistics
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,11 +30,18 @@ from ldct_lightning.cli import evaluate as evaluate_cli
 PROG = "python -m ldct_lightning.bench_quality"
 # (summary.csv metric, JSON key, Markdown header, digits)
 METRICS = (
-    ("psnr_abdomen", "psnr_abdomen_db", "PSNR abdomen (dB)", 2),
-    ("ssim_abdomen", "ssim_abdomen", "SSIM abdomen", 3),
-    ("rmse_hu", "rmse_hu", "RMSE (HU)", 1),
+    ("slice", "psnr_abdomen", "psnr_abdomen_db", "PSNR abdomen (dB)", 2),
+    ("slice", "ssim_abdomen", "ssim_abdomen", "SSIM abdomen", 3),
+    ("slice", "rmse_hu", "rmse_hu", "RMSE (HU)", 1),
+    ("bone_band", "psnr_abdomen", "bone_band_psnr_abdomen_db", "bone band PSNR (dB)", 2),
+    ("slice", "max_abs_err_hu", "max_abs_err_hu", "max abs error (HU)", 0),
 )
 INPUT_ROW = "LDCT"
+# a job of a multirun over several seeds is named <method>_s<seed> by ldct-evaluate --sweep
+SEED_SUFFIX = re.compile(r"^(?P<method>.+)_s(?P<seed>-?\d+)$")
+# issue targets checked on every run (reference protocol, whole slice, abdomen window)
+GAIN_OVER_FIRST_DB = 0.5
+GAIN_OVER_INPUT_DB = 3.0
 
 
 def sweep_jobs(sweep: Path) -> list[dict[str, Any]]:
@@ -68,46 +77,184 @@ def sweep_jobs(sweep: Path) -> list[dict[str, Any]]:
     return jobs
 
 
+def read_summary(summary_csv: Path) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """The reference-protocol records of ``stats/summary.csv``, keyed by (method, roi, metric)."""
+    records = {}
+    with summary_csv.open(newline="") as f:
+        for rec in csv.DictReader(f):
+            if rec["protocol"] == "reference":
+                records[(rec["method"], rec["roi"], rec["metric"])] = rec
+    return records
+
+
 def quality_rows(summary_csv: Path, methods: list[str]) -> list[dict[str, Any]]:
-    """Per method the whole-slice reference metrics (mean and SD over patients) from ``stats/summary.csv``.
+    """Per method the whole-slice (and bone-band) reference metrics, mean and SD over patients.
 
     Args:
         summary_csv: ``ldct-evaluate``'s ``stats/summary.csv``.
         methods: the methods in table order.
 
     Returns:
-        One dict per method with ``method``, ``n_patients`` and ``<key>_mean`` / ``<key>_sd`` per metric.
+        One dict per method with ``method``, ``n_patients`` and ``<key>_mean`` / ``<key>_sd`` per metric
+        (a metric the evaluation does not have, e.g. the bone band of slices without bone, is left out).
     """
-    wanted = {metric: key for metric, key, _, _ in METRICS}
-    rows: dict[str, dict[str, Any]] = {m: {"method": m} for m in methods}
-    with summary_csv.open(newline="") as f:
-        for rec in csv.DictReader(f):
-            if rec["protocol"] != "reference" or rec["roi"] != "slice" or rec["metric"] not in wanted:
+    records = read_summary(summary_csv)
+    rows = []
+    for method in methods:
+        row: dict[str, Any] = {"method": method}
+        for roi, metric, key, _, _ in METRICS:
+            rec = records.get((method, roi, metric))
+            if rec is None:
                 continue
-            if rec["method"] not in rows:
-                continue
-            row, key = rows[rec["method"]], wanted[rec["metric"]]
             row[f"{key}_mean"] = float(rec["mean"])
             row[f"{key}_sd"] = float(rec["sd"]) if rec["sd"] not in ("", "nan") else None
             row["n_patients"] = int(rec["n_patients"])
-    missing = [m for m, row in rows.items() if len(row) == 1]
-    if missing:
-        raise ValueError(f"{summary_csv}: no reference-protocol whole-slice metrics for {missing}")
-    return list(rows.values())
+        if "psnr_abdomen_db_mean" not in row:
+            raise ValueError(f"{summary_csv}: no reference-protocol whole-slice metrics for {method!r}")
+        rows.append(row)
+    return rows
+
+
+def split_seed(name: str) -> tuple[str, int | None]:
+    """``proposed_s3`` -> (``proposed``, 3); a name without a seed suffix -> (name, None)."""
+    match = SEED_SUFFIX.match(name)
+    return (match["method"], int(match["seed"])) if match else (name, None)
+
+
+def over_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of one method over several seeds merged: mean and SD over the seeds' patient means.
+
+    A row without a seed suffix (LDCT, BM3D, a single-seed job) is kept as it is (SD over patients).
+
+    Args:
+        rows: :func:`quality_rows` output, seed rows named ``<method>_s<seed>``.
+
+    Returns:
+        One row per method in first-seen order; a merged row has ``seeds`` and ``<key>_per_seed``, and its
+        ``<key>_sd`` is the SD over seeds (None for one seed).
+    """
+    groups: dict[str, list[tuple[int | None, dict[str, Any]]]] = {}
+    for row in rows:
+        method, seed = split_seed(row["method"])
+        groups.setdefault(method if seed is not None else row["method"], []).append((seed, row))
+    merged = []
+    for method, members in groups.items():
+        if members[0][0] is None:
+            merged.extend(row for _, row in members)
+            continue
+        out: dict[str, Any] = {"method": method, "seeds": [seed for seed, _ in members]}
+        out["n_patients"] = members[0][1]["n_patients"]
+        for *_, key, _, _ in METRICS:
+            values = [row[f"{key}_mean"] for _, row in members if f"{key}_mean" in row]
+            if len(values) != len(members):
+                continue
+            out[f"{key}_per_seed"] = values
+            out[f"{key}_mean"] = statistics.fmean(values)
+            out[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else None
+        merged.append(out)
+    return merged
+
+
+def rois_below_input(summary_csv: Path, methods: list[str]) -> dict[str, list[str]]:
+    """Per method the reference ROIs (bone band included) whose abdomen-window PSNR is below the LDCT input's.
+
+    Args:
+        summary_csv: ``ldct-evaluate``'s ``stats/summary.csv``.
+        methods: the methods (seed rows as they are named in the evaluation).
+
+    Returns:
+        Method -> sorted ROI names where the method's mean PSNR is lower than the input's (empty: none).
+    """
+    records = read_summary(summary_csv)
+    rois = sorted({roi for (m, roi, metric) in records if m == INPUT_ROW and metric == "psnr_abdomen"})
+    below = {}
+    for method in methods:
+        below[method] = [
+            roi
+            for roi in rois
+            if (method, roi, "psnr_abdomen") in records
+            and float(records[(method, roi, "psnr_abdomen")]["mean"])
+            < float(records[(INPUT_ROW, roi, "psnr_abdomen")]["mean"])
+        ]
+    return below
+
+
+def target_checks(
+    rows: list[dict[str, Any]], below: dict[str, list[str]], proposed: str
+) -> list[dict[str, Any]]:
+    """The two-stage targets on the merged rows: each check with its numbers and whether it holds.
+
+    Args:
+        rows: :func:`over_seeds` output.
+        below: :func:`rois_below_input` output (seed rows).
+        proposed: the proposed method's name.
+
+    Returns:
+        One dict per check (``check``, ``value``, ``target``, ``met``); empty when a needed row is absent.
+    """
+    by_name = {row["method"]: row for row in rows}
+    if not {proposed, "firstStep", INPUT_ROW} <= set(by_name):
+        return []
+    psnr = {name: by_name[name]["psnr_abdomen_db_mean"] for name in (proposed, "firstStep", INPUT_ROW)}
+    rmse = {name: by_name[name]["rmse_hu_mean"] for name in (proposed, INPUT_ROW)}
+    below_proposed = sorted(
+        {roi for m, rois in below.items() if split_seed(m)[0] == proposed for roi in rois}
+    )
+    return [
+        {
+            "check": f"{proposed} >= firstStep + {GAIN_OVER_FIRST_DB} dB (PSNR abdomen)",
+            "value": round(psnr[proposed] - psnr["firstStep"], 2),
+            "target": GAIN_OVER_FIRST_DB,
+            "met": psnr[proposed] - psnr["firstStep"] >= GAIN_OVER_FIRST_DB,
+        },
+        {
+            "check": f"{proposed} >= LDCT + {GAIN_OVER_INPUT_DB} dB (PSNR abdomen)",
+            "value": round(psnr[proposed] - psnr[INPUT_ROW], 2),
+            "target": GAIN_OVER_INPUT_DB,
+            "met": psnr[proposed] - psnr[INPUT_ROW] >= GAIN_OVER_INPUT_DB,
+        },
+        {
+            "check": f"{proposed} whole-slice RMSE below the input's (HU)",
+            "value": round(rmse[proposed], 1),
+            "target": round(rmse[INPUT_ROW], 1),
+            "met": rmse[proposed] < rmse[INPUT_ROW],
+        },
+        {
+            "check": f"no ROI of {proposed} (any seed) below the input (PSNR abdomen)",
+            "value": below_proposed,
+            "target": [],
+            "met": not below_proposed,
+        },
+    ]
 
 
 def markdown_table(rows: list[dict[str, Any]], jobs_by_method: dict[str, str]) -> str:
-    """The Markdown quality table: mean ± SD over patients, and the training cost of each row."""
-    header = ["Method", *(h for _, _, h, _ in METRICS), "Training (updates, wall time)"]
+    """The Markdown quality table: mean ± SD (over seeds for seeded rows, else over patients), training cost."""
+    header = ["Method", *(h for *_, h, _ in METRICS), "Training (updates, wall time)"]
     lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 2) + "|---|"]
     for row in rows:
-        cells = [row["method"]]
-        for _, key, _, digits in METRICS:
-            mean, sd = row[f"{key}_mean"], row.get(f"{key}_sd")
+        name = row["method"] + (f" ({len(row['seeds'])} seeds)" if len(row.get("seeds", [])) > 1 else "")
+        cells = [name]
+        for *_, key, _, digits in METRICS:
+            mean, sd = row.get(f"{key}_mean"), row.get(f"{key}_sd")
+            if mean is None:
+                cells.append("-")
+                continue
             cells.append(f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else ""))
         cells.append(jobs_by_method.get(row["method"], "-"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def checks_markdown(checks: list[dict[str, Any]]) -> str:
+    """The target checks as a Markdown list (empty string when there are none)."""
+    if not checks:
+        return ""
+    lines = ["Targets (two-stage issue):", ""]
+    for check in checks:
+        mark = "met" if check["met"] else "**not met**"
+        lines.append(f"- {check['check']}: {check['value']} (target {check['target']}): {mark}")
+    return "\n".join(lines) + "\n\n"
 
 
 def _cost(stage: dict[str, Any]) -> str:
@@ -206,7 +353,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {info_file}: no evaluation there. Run without --no-evaluate", file=sys.stderr)
         return 2
     info = json.loads(info_file.read_text())
-    rows = quality_rows(evaluation / "stats" / "summary.csv", info["methods_order"])
+    summary_csv = evaluation / "stats" / "summary.csv"
+    seed_rows = quality_rows(summary_csv, info["methods_order"])
+    rows = over_seeds(seed_rows)
+    checks = target_checks(rows, rois_below_input(summary_csv, info["methods_order"]), args.proposed)
     costs = training_costs(jobs, args.proposed)
     data_summary = args.data / "summary.json"
     result = {
@@ -222,8 +372,12 @@ def main(argv: list[str] | None = None) -> int:
             "n_test_slices": info["n_slices"],
         },
         "protocol": "reference: whole slice against the aligned noiseless truth; PSNR/SSIM in the abdomen "
-        "window C40/W400 (data range 1 after windowing), RMSE in HU; mean and SD over test patients",
+        "window C40/W400 (data range 1 after windowing), RMSE and largest absolute error in HU; bone band: "
+        "soft tissue 1-5 px from bone; mean and SD over test patients, or, for methods trained with several "
+        "seeds, mean and SD over seeds of each seed's patient mean",
         "methods": rows,
+        "methods_per_seed": seed_rows,
+        "checks": checks,
         "jobs": jobs,
         "evaluation_seconds_per_slice": info.get("seconds_per_slice"),
         "evaluation": str(evaluation),
@@ -232,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# Quality benchmark\n\n{result['protocol']}; {info['n_patients']} held-out patients, "
         f"{info['n_slices']} slices; {info['data']}.\n\n"
         f"{markdown_table(rows, costs)}\n\n"
+        f"{checks_markdown(checks)}"
         f"Machine: {result['machine']['cuda'] or 'CPU only'}, {result['machine']['cpu_count']} CPU cores, "
         f"torch {result['machine']['torch']}. Full report: {evaluation / 'report.md'}\n"
     )

@@ -45,10 +45,63 @@ def test_quality_rows_pick_the_whole_slice_reference_metrics(tmp_path: Path) -> 
     }
     assert rows[1]["rmse_hu_sd"] is None
     table = bench_quality.markdown_table(rows, {"LDCT": "none"})
-    assert "| LDCT | 27.50 ± 0.25 | 0.800 ± 0.010 | 22.0 ± 1.0 | none |" in table
-    assert "| net | 31.00 ± 0.50 | 0.900 ± 0.020 | 15.5 | - |" in table
+    # the bone band and the largest error are not in this CSV: "-" cells
+    assert "| LDCT | 27.50 ± 0.25 | 0.800 ± 0.010 | 22.0 ± 1.0 | - | - | none |" in table
+    assert "| net | 31.00 ± 0.50 | 0.900 ± 0.020 | 15.5 | - | - | - |" in table
     with pytest.raises(ValueError, match="absent"):
         bench_quality.quality_rows(path, ["LDCT", "absent"])
+
+
+SEEDS_CSV = """method,protocol,roi,metric,mean,sd,n_patients
+LDCT,reference,slice,psnr_abdomen,27.0,0.5,3
+LDCT,reference,slice,ssim_abdomen,0.8,0.01,3
+LDCT,reference,slice,rmse_hu,22.0,1.0,3
+LDCT,reference,bone_band,psnr_abdomen,24.0,1.0,3
+LDCT,reference,liver,psnr_abdomen,20.0,1.0,3
+proposed_s1,reference,slice,psnr_abdomen,31.0,0.4,3
+proposed_s1,reference,slice,ssim_abdomen,0.9,0.01,3
+proposed_s1,reference,slice,rmse_hu,15.0,1.0,3
+proposed_s1,reference,bone_band,psnr_abdomen,23.0,1.0,3
+proposed_s1,reference,liver,psnr_abdomen,25.0,1.0,3
+proposed_s2,reference,slice,psnr_abdomen,32.0,0.4,3
+proposed_s2,reference,slice,ssim_abdomen,0.92,0.01,3
+proposed_s2,reference,slice,rmse_hu,14.0,1.0,3
+proposed_s2,reference,bone_band,psnr_abdomen,25.0,1.0,3
+proposed_s2,reference,liver,psnr_abdomen,26.0,1.0,3
+firstStep_s1,reference,slice,psnr_abdomen,30.0,0.4,3
+firstStep_s1,reference,slice,ssim_abdomen,0.88,0.01,3
+firstStep_s1,reference,slice,rmse_hu,16.0,1.0,3
+firstStep_s2,reference,slice,psnr_abdomen,31.0,0.4,3
+firstStep_s2,reference,slice,ssim_abdomen,0.89,0.01,3
+firstStep_s2,reference,slice,rmse_hu,15.0,1.0,3
+"""
+
+
+def test_seed_rows_merge_into_mean_and_sd_over_seeds_and_targets_are_checked(tmp_path: Path) -> None:
+    path = tmp_path / "summary.csv"
+    path.write_text(SEEDS_CSV)
+    methods = ["LDCT", "proposed_s1", "proposed_s2", "firstStep_s1", "firstStep_s2"]
+    rows = bench_quality.over_seeds(bench_quality.quality_rows(path, methods))
+    by_name = {row["method"]: row for row in rows}
+    assert list(by_name) == ["LDCT", "proposed", "firstStep"]
+    assert by_name["LDCT"]["psnr_abdomen_db_sd"] == 0.5  # no seeds: SD over patients as it was
+    proposed = by_name["proposed"]
+    assert proposed["seeds"] == [1, 2]
+    # by hand: mean of 31 and 32; sample SD of two values a, b is |a - b| / sqrt(2)
+    assert proposed["psnr_abdomen_db_mean"] == pytest.approx(31.5)
+    assert proposed["psnr_abdomen_db_sd"] == pytest.approx(1 / np.sqrt(2))
+    assert proposed["bone_band_psnr_abdomen_db_mean"] == pytest.approx(24.0)
+    assert "bone_band_psnr_abdomen_db_mean" not in by_name["firstStep"]  # absent for one seed: left out
+
+    below = bench_quality.rois_below_input(path, methods)
+    assert below["proposed_s1"] == ["bone_band"] and below["proposed_s2"] == []
+    gain_first, gain_input, rmse, rois = bench_quality.target_checks(rows, below, "proposed")
+    assert gain_first["value"] == pytest.approx(1.0) and gain_first["met"]  # 31.5 - 30.5
+    assert gain_input["value"] == pytest.approx(4.5) and gain_input["met"]  # 31.5 - 27
+    assert rmse["value"] == pytest.approx(14.5) and rmse["met"]
+    assert rois["value"] == ["bone_band"] and not rois["met"]
+    assert "**not met**" in bench_quality.checks_markdown([rois])
+    assert bench_quality.target_checks(rows[:1], below, "proposed") == []
 
 
 MODELS = {
