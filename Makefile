@@ -20,6 +20,10 @@ METHODS ?= attention_unet,redcnn,pix2pix,cyclegan,oracle
 # make bench-quality: the bench preset at 256x256 (same field of view and noise) so that it fits a CPU
 BENCH_DATA ?= data/bench
 BENCH_SIM_ARGS ?= --size 256
+# make bench-quality: training seeds (rows: mean ± SD over seeds) and extra ablations of the proposed network
+# (the paper-literal stage 2) trained beside METHODS in the same sweep folder
+BENCH_SEEDS ?= 1,2,3
+BENCH_ABLATIONS ?= proposed_eq9
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo evaluate report baselines data-demo test test-full lint format bench bench-registration bench-quality train-first train-second train-two ablations clean
@@ -120,13 +124,16 @@ bench-registration: install  ## registration error vs the synthetic truth and ti
 	@echo "+ $(PYTHON) -m ldct_lightning.bench_registration --out bench/registration.json $(ARGS)"
 	@$(PYTHON) -m ldct_lightning.bench_registration --out bench/registration.json $(ARGS)
 
-bench-quality: install  ## every method on the bench preset with the same budget -> bench/quality.json and .md
+bench-quality: install  ## every method on the bench preset, same budget, BENCH_SEEDS seeds -> bench/quality.json and .md
 	@if [ -f $(BENCH_DATA)/manifest.csv ]; then echo "# $(BENCH_DATA) exists (remove it to remake it)"; \
 	else echo "+ ldct-simulate $(BENCH_DATA) --preset bench $(BENCH_SIM_ARGS)"; \
 	ldct-simulate $(BENCH_DATA) --preset bench $(BENCH_SIM_ARGS) || exit $$?; fi
-	@echo "+ $(PYTHON) train.py -m experiment=bench_quality data.root=$(BENCH_DATA) model=$(METHODS) $(ARGS)"
-	@$(PYTHON) train.py -m experiment=bench_quality data.root=$(BENCH_DATA) model=$(METHODS) $(ARGS)
-	@sweep=$$(ls -td outputs/multiruns/bench_quality/*/ | head -n 1); \
+	@sweep=outputs/multiruns/bench_quality/$$(date +%Y-%m-%d_%H-%M-%S); \
+	echo "+ $(PYTHON) train.py -m experiment=bench_quality data.root=$(BENCH_DATA) model=$(METHODS) seed=$(BENCH_SEEDS) hydra.sweep.dir=$$sweep $(ARGS)"; \
+	$(PYTHON) train.py -m experiment=bench_quality data.root=$(BENCH_DATA) model=$(METHODS) seed=$(BENCH_SEEDS) hydra.sweep.dir=$$sweep $(ARGS) || exit $$?; \
+	if [ -n "$(BENCH_ABLATIONS)" ]; then \
+	echo "+ $(PYTHON) train.py -m experiment=bench_quality data.root=$(BENCH_DATA) model=attention_unet ablation=$(BENCH_ABLATIONS) seed=$(BENCH_SEEDS) hydra.sweep.dir=$$sweep $(ARGS)"; \
+	$(PYTHON) train.py -m experiment=bench_quality data.root=$(BENCH_DATA) model=attention_unet ablation=$(BENCH_ABLATIONS) seed=$(BENCH_SEEDS) hydra.sweep.dir=$$sweep $(ARGS) || exit $$?; fi; \
 	echo "+ $(PYTHON) -m ldct_lightning.bench_quality --data $(BENCH_DATA) --sweep $$sweep --out bench/quality.json"; \
 	$(PYTHON) -m ldct_lightning.bench_quality --data $(BENCH_DATA) --sweep $$sweep --out bench/quality.json
 
