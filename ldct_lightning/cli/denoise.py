@@ -174,6 +174,8 @@ def _failure_line(
 def run(args: argparse.Namespace) -> int:
     """Run the command; raises the errors that :func:`main` turns into one line and exit code 2."""
     _check_paths(args.inputs, args.output, args.overwrite)
+    if args.onnx is not None and args.backend != "onnxruntime":
+        raise DenoiseCLIError(f"--onnx {args.onnx}: only with --backend onnxruntime. Add it or drop --onnx")
     generator_kwargs = load_generator_config(args.generator_config) if args.generator_config else None
     denoiser = Denoiser.from_checkpoint(
         args.checkpoint,
