@@ -13,6 +13,7 @@ in memory at once, whatever the series length.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from collections import deque
@@ -48,6 +49,19 @@ class SeriesResult:
     folder: Path | None = None
     reason: str | None = None
     problem: str | None = None  # the reason without the file name
+
+
+def short_sha256(path: Path, length: int = 12) -> str:
+    """The first ``length`` hex digits of a file's sha256 (names the checkpoint in DerivationDescription).
+
+    Not :func:`ldct_lightning.eval.evaluate.file_sha256`: importing the evaluation package (scipy.stats) would
+    add seconds to the start of every ``ldct-denoise``.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:length]
 
 
 def _stored_range(ds: Dataset) -> tuple[int, int]:

@@ -22,8 +22,7 @@ from pathlib import Path
 
 from ldct_lightning import __version__
 from ldct_lightning.data.dicom import DicomError, SkippedFile, scan_dicom
-from ldct_lightning.derived_series import SeriesResult, denoise_scan
-from ldct_lightning.eval.evaluate import file_sha256
+from ldct_lightning.derived_series import SeriesResult, denoise_scan, short_sha256
 from ldct_lightning.inference import Denoiser, InferenceError, load_generator_config
 from ldct_lightning.inference_backends import BACKENDS
 from ldct_lightning.modules.handoff import CheckpointError
@@ -194,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
     scan = scan_dicom(args.inputs, allow_non_ct=True, strict=args.strict)
     derivation = (
         f"Denoised with ldct-lightning {__version__} (two-stage LDCT denoising after Hu et al. 2024), "
-        f"checkpoint sha256 {file_sha256(args.checkpoint)[:12]}"
+        f"checkpoint sha256 {short_sha256(args.checkpoint)}"
     )
     results = denoise_scan(scan, denoiser, args.output, args.suffix, derivation, strict=args.strict)
     _print_summary(results, scan.skipped, args.output)
