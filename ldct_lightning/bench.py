@@ -308,6 +308,68 @@ def bench_denoise(quick: bool) -> dict[str, Any]:
     return out
 
 
+def bench_bf16_quality(quick: bool) -> dict[str, Any]:
+    """PSNR against the NDCT of fp32 and bf16 inference with a trained checkpoint on its test patients.
+
+    Needs ``--quality-checkpoint CKPT --quality-data ROOT`` (a run's checkpoint and the data set it was trained
+    on, with its ``split.yaml``); the per-slice PSNR (eq. 11, normalised) of the bf16 fast path is compared
+    with the plain float32 path on the same slices.
+    """
+    ckpt, root = os.environ.get("LDCT_BENCH_CHECKPOINT"), os.environ.get("LDCT_BENCH_DATA")
+    if not ckpt or not root:
+        return {"unmeasured": "no trained checkpoint given (--quality-checkpoint CKPT --quality-data ROOT)"}
+    import yaml
+
+    from ldct_lightning.data.datamodule import LDCTDataModule
+    from ldct_lightning.data.normalize import hu_to_unit, unit_to_hu
+    from ldct_lightning.eval.metrics import paper_psnr
+    from ldct_lightning.inference import Denoiser
+
+    split = yaml.safe_load((Path(root) / "split.yaml").read_text())["params"]
+    with tempfile.TemporaryDirectory() as tmp:
+        dm = LDCTDataModule(
+            root,
+            cache_dir=tmp,
+            n_val=split["n_val"],
+            n_test=split["n_test"],
+            split_seed=split["seed"],
+            num_workers=0,
+            write_split=False,
+        )
+        dm.setup("test")
+        fp32 = Denoiser.from_checkpoint(ckpt, batch_size=DENOISE_BATCH)
+        bf16 = Denoiser.from_checkpoint(
+            ckpt, batch_size=DENOISE_BATCH, half="bf16", fold_bn=True, channels_last=True
+        )
+        psnr32, psnr16, diffs, n = [], [], [], 0
+        for batch in dm.test_dataloader():
+            ldct = unit_to_hu(batch["input"].float()).squeeze(1).numpy()
+            reference = "reference" if "reference" in batch else "ndct"  # synthetic sets: the noise-free truth
+            ndct = batch[reference].float().squeeze(1).numpy()
+            a, b = fp32.denoise(ldct), bf16.denoise(ldct)
+            diffs.append(float(np.abs(a - b).max()))
+            for pa, pb, ref in zip(hu_to_unit(a), hu_to_unit(b), ndct, strict=True):
+                psnr32.append(paper_psnr(pa, ref))
+                psnr16.append(paper_psnr(pb, ref))
+            n += len(ldct)
+            if quick and n >= 16:
+                break
+    delta = np.asarray(psnr32) - np.asarray(psnr16)
+    return {
+        "checkpoint": Path(ckpt).name,
+        "data": Path(root).name,
+        "test_slices": n,
+        "reference": reference,
+        "psnr_fp32_db_mean": float(np.mean(psnr32)),
+        "psnr_bf16_db_mean": float(np.mean(psnr16)),
+        "psnr_loss_db_mean": float(delta.mean()),
+        "psnr_loss_db_sd": float(delta.std(ddof=1)) if len(delta) > 1 else 0.0,
+        "psnr_loss_db_max": float(delta.max()),
+        "max_abs_diff_hu": max(diffs),
+        "target_psnr_loss_db": 0.05,
+    }
+
+
 def _nullcontext() -> Any:
     from contextlib import nullcontext
 
@@ -428,6 +490,7 @@ SECTIONS: dict[str, Callable[[bool], dict[str, Any]]] = {
     "denoise": bench_denoise,
     "denoise_e2e": bench_denoise_e2e,
     "denoise_memory": bench_denoise_memory,
+    "bf16_quality": bench_bf16_quality,
     "gpu": bench_gpu,
 }
 
@@ -477,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and smaller sizes")
     parser.add_argument("--section", help=argparse.SUPPRESS)
     parser.add_argument("--section-out", help=argparse.SUPPRESS)
+    parser.add_argument("--quality-checkpoint", type=Path, help="bf16_quality: a trained checkpoint")
+    parser.add_argument("--quality-data", type=Path, help="bf16_quality: its data set (with split.yaml)")
     parser.add_argument("--denoise-child", help=argparse.SUPPRESS)
     parser.add_argument("denoise_args", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -497,6 +562,9 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.section_out).write_text(json.dumps(result))
         return 0
 
+    if args.quality_checkpoint and args.quality_data:  # sections run in subprocesses: pass them on
+        os.environ["LDCT_BENCH_CHECKPOINT"] = str(args.quality_checkpoint.resolve())
+        os.environ["LDCT_BENCH_DATA"] = str(args.quality_data.resolve())
     names = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in names if s not in SECTIONS]
     if unknown:
