@@ -303,7 +303,7 @@ def bench_denoise(quick: bool) -> dict[str, Any]:
         "rmse_hu_vs_fp32": rmse,
         "mean_abs_hu_vs_fp32": float(np.abs(bf16 - ref).mean()),
         "psnr_db_vs_fp32_range_4095": float(20 * np.log10(4095 / rmse)) if rmse > 0 else float("inf"),
-        "note": "random-weight generator on phantom slices; no trained checkpoint was available",
+        "note": "random-weight generator on phantom slices; with a trained checkpoint: section bf16_quality",
     }
     return out
 
@@ -344,7 +344,8 @@ def bench_bf16_quality(quick: bool) -> dict[str, Any]:
         psnr32, psnr16, diffs, n = [], [], [], 0
         for batch in dm.test_dataloader():
             ldct = unit_to_hu(batch["input"].float()).squeeze(1).numpy()
-            reference = "reference" if "reference" in batch else "ndct"  # synthetic sets: the noise-free truth
+            # synthetic sets carry the noise-free truth as "reference"; else the (registered) NDCT
+            reference = "reference" if "reference" in batch else "ndct"
             ndct = batch[reference].float().squeeze(1).numpy()
             a, b = fp32.denoise(ldct), bf16.denoise(ldct)
             diffs.append(float(np.abs(a - b).max()))

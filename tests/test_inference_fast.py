@@ -96,19 +96,22 @@ def test_channels_last_and_folding_together_match_the_plain_path():
     assert np.abs(tiled - tiled_plain).max() <= FP32_ATOL_HU
 
 
-def test_bf16_autocast_stays_close_to_float32():
-    generator = _generator(seed=2)
-    hu = _hu(seed=2)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bf16_autocast_stays_close_to_float32(seed):
+    generator = _generator(seed=seed)
+    hu = _hu(seed=seed)
     plain = Denoiser(generator).denoise(hu)
     bf16 = Denoiser(generator, half="bf16", fold_bn=True, channels_last=True).denoise(hu)
     change = np.abs(plain - hu)
     diff = np.abs(bf16 - plain)
     assert diff.max() > 0  # really computed in bf16
     # bf16 keeps 8 significant bits (relative rounding 2**-9 per operation); the input skip x + conv(f)
-    # stays float32 under autocast, so the error scales with the network's correction, not with the HU value:
-    # a few roundings through 30 layers stay well under 5 % of the largest correction.
-    assert diff.max() <= 0.05 * change.max()
-    assert diff.mean() <= 0.01 * change.mean()
+    # stays float32 under autocast, so the error scales with the network's correction, not with the HU value.
+    # On this tiny random net (batch norms with variances down to 0.3 amplify rounding) seeds 0-5 gave
+    # 0.9-7.9 % of the largest correction at worst and 0.2-2.8 % on average; a float16 or float32 mix-up would
+    # give about 0 or far more.
+    assert diff.max() <= 0.10 * change.max()
+    assert diff.mean() <= 0.04 * change.mean()
 
 
 def test_onnxruntime_matches_torch_and_caches_the_export(onnx_cache):
