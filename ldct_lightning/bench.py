@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -197,21 +198,288 @@ def bench_stage2(quick: bool) -> dict[str, Any]:
     }
 
 
+# the inference paths of ldct-denoise measured side by side: name -> (CLI flags, Denoiser kwargs)
+DENOISE_VARIANTS: dict[str, tuple[list[str], dict[str, Any]]] = {
+    "torch_plain": (["--plain"], {}),
+    "torch_folded_channels_last": ([], {"fold_bn": True, "channels_last": True}),
+    "onnxruntime": (["--backend", "onnxruntime"], {"backend": "onnxruntime"}),
+    "torch_bf16": (["--precision", "bf16"], {"fold_bn": True, "channels_last": True, "half": "bf16"}),
+}
+DENOISE_TARGETS = {"e2e_slices_per_s_512": 2.0, "e2e_slices_per_s_512_goal": 3.0}
+DENOISE_BATCH = 4
+
+
+def _ct_slices(n: int, size: int = 512, seed: int = 0) -> np.ndarray:
+    """``n`` CT-like slices in HU: phantom anatomy (air, fat, soft tissue, bone) plus LDCT-like noise."""
+    from ldct_lightning.data.phantom import random_anatomy, render_slices
+
+    rng = np.random.default_rng(seed)
+    n_distinct = min(n, 4)  # rendering is slow; further slices repeat them with fresh noise
+    hu, _ = render_slices(
+        random_anatomy(rng), list(np.linspace(-20, 20, n_distinct)), size, 0.7, supersample=1
+    )
+    clean = hu.numpy()[np.arange(n) % n_distinct]
+    return (clean + rng.normal(0, 40, clean.shape)).astype(np.float32)
+
+
+def _bench_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A checkpoint of the full-size generator with random weights (same cost as a trained one)."""
+    torch.manual_seed(seed)
+    state = {f"generator.{k}": v for k, v in _generator().state_dict().items()}
+    torch.save({"state_dict": state}, path)
+    return path
+
+
+def _write_bench_series(volume: np.ndarray, out: Path) -> Path:
+    from ldct_lightning.data.dicom_write import CTSeriesSpec, write_ct_series
+
+    write_ct_series(volume, CTSeriesSpec(patient_id="BENCH"), [1.25 * i for i in range(len(volume))], out)
+    return out
+
+
+def _denoise_subprocess(series_dir: Path, checkpoint: Path, out: Path, flags: list[str]) -> dict[str, Any]:
+    """Run ``ldct-denoise`` in a fresh process; its wall time (start to exit) and peak RSS (ru_maxrss)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "ldct_lightning.bench",
+        "--denoise-child",
+        str(out) + ".json",
+        "--",
+        str(series_dir),
+        str(out),
+        "--checkpoint",
+        str(checkpoint),
+        "--batch-size",
+        str(DENOISE_BATCH),
+        *flags,
+    ]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    child = json.loads(Path(str(out) + ".json").read_text())
+    return {"process_wall_s": wall, **child}
+
+
 def bench_denoise(quick: bool) -> dict[str, Any]:
-    """Denoiser throughput on 512x512 slices (the Python API ldct-denoise uses)."""
+    """Network-only s/slice of each inference path on 512x512, and the quality cost of bf16."""
     from ldct_lightning.inference import Denoiser
 
     device = _device()
-    n = 2 if quick else 8
-    denoiser = Denoiser(_generator(), device=device, batch_size=4)
-    hu = np.random.default_rng(0).normal(40, 200, size=(n, 512, 512)).astype(np.float32)
-    denoiser.denoise(hu[:1])
-    t0 = time.perf_counter()
-    denoiser.denoise(hu)
-    seconds = time.perf_counter() - t0
-    out = {"device": device, "slices": n, "slices_per_s": n / seconds}
-    if device == "cuda":
-        out["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    n = DENOISE_BATCH if quick else 2 * DENOISE_BATCH
+    hu = _ct_slices(n)
+    generator = _generator()
+    out: dict[str, Any] = {
+        "device": device,
+        "batch_size": DENOISE_BATCH,
+        "slices": n,
+        "network_s_per_slice": {},
+    }
+    outputs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["LDCT_CACHE_DIR"] = tmp  # the ONNX export is made here, before timing
+        for name, (_, kwargs) in DENOISE_VARIANTS.items():
+            if device != "cpu" and kwargs.get("backend") == "onnxruntime":
+                continue
+            denoiser = Denoiser(generator, device=device, batch_size=DENOISE_BATCH, **kwargs)
+            x = torch.rand(DENOISE_BATCH, 1, 512, 512, device=device)
+            amp = torch.autocast(device, dtype=torch.bfloat16) if kwargs.get("half") else _nullcontext()
+
+            def forward(denoiser: Denoiser = denoiser, x: torch.Tensor = x, amp: Any = amp) -> None:
+                with torch.inference_mode(), amp:
+                    denoiser.network(x)
+                _sync()
+
+            seconds = _timeit(forward, repeat=1 if quick else 3)
+            out["network_s_per_slice"][name] = seconds / DENOISE_BATCH
+            outputs[name] = denoiser.denoise(hu)
+    ref = outputs["torch_plain"]
+    out["max_abs_diff_hu_vs_torch_plain"] = {k: float(np.abs(v - ref).max()) for k, v in outputs.items()}
+    bf16 = outputs["torch_bf16"]
+    rmse = float(np.sqrt(np.mean((bf16.astype(np.float64) - ref) ** 2)))
+    out["bf16_quality"] = {
+        "rmse_hu_vs_fp32": rmse,
+        "mean_abs_hu_vs_fp32": float(np.abs(bf16 - ref).mean()),
+        "psnr_db_vs_fp32_range_4095": float(20 * np.log10(4095 / rmse)) if rmse > 0 else float("inf"),
+        "note": "random-weight generator on phantom slices; with a trained checkpoint: section bf16_quality",
+    }
+    return out
+
+
+def bench_bf16_quality(quick: bool) -> dict[str, Any]:
+    """PSNR against the NDCT of fp32 and bf16 inference with a trained checkpoint on its test patients.
+
+    Needs ``--quality-checkpoint CKPT --quality-data ROOT`` (a run's checkpoint and the data set it was trained
+    on, with its ``split.yaml``); the per-slice PSNR (eq. 11, normalised) of the bf16 fast path is compared
+    with the plain float32 path on the same slices.
+    """
+    ckpt, root = os.environ.get("LDCT_BENCH_CHECKPOINT"), os.environ.get("LDCT_BENCH_DATA")
+    if not ckpt or not root:
+        return {"unmeasured": "no trained checkpoint given (--quality-checkpoint CKPT --quality-data ROOT)"}
+    import yaml
+
+    from ldct_lightning.data.datamodule import LDCTDataModule
+    from ldct_lightning.data.normalize import hu_to_unit, unit_to_hu
+    from ldct_lightning.eval.metrics import paper_psnr
+    from ldct_lightning.inference import Denoiser
+
+    split = yaml.safe_load((Path(root) / "split.yaml").read_text())["params"]
+    with tempfile.TemporaryDirectory() as tmp:
+        dm = LDCTDataModule(
+            root,
+            cache_dir=tmp,
+            n_val=split["n_val"],
+            n_test=split["n_test"],
+            split_seed=split["seed"],
+            num_workers=0,
+            write_split=False,
+        )
+        dm.setup("test")
+        fp32 = Denoiser.from_checkpoint(ckpt, batch_size=DENOISE_BATCH)
+        bf16 = Denoiser.from_checkpoint(
+            ckpt, batch_size=DENOISE_BATCH, half="bf16", fold_bn=True, channels_last=True
+        )
+        psnr32, psnr16, diffs, n = [], [], [], 0
+        for batch in dm.test_dataloader():
+            ldct = unit_to_hu(batch["input"].float()).squeeze(1).numpy()
+            # synthetic sets carry the noise-free truth as "reference"; else the (registered) NDCT
+            reference = "reference" if "reference" in batch else "ndct"
+            ndct = batch[reference].float().squeeze(1).numpy()
+            a, b = fp32.denoise(ldct), bf16.denoise(ldct)
+            diffs.append(float(np.abs(a - b).max()))
+            for pa, pb, ref in zip(hu_to_unit(a), hu_to_unit(b), ndct, strict=True):
+                psnr32.append(paper_psnr(pa, ref))
+                psnr16.append(paper_psnr(pb, ref))
+            n += len(ldct)
+            if quick and n >= 16:
+                break
+    delta = np.asarray(psnr32) - np.asarray(psnr16)
+    return {
+        "checkpoint": Path(ckpt).name,
+        "data": Path(root).name,
+        "test_slices": n,
+        "reference": reference,
+        "psnr_fp32_db_mean": float(np.mean(psnr32)),
+        "psnr_bf16_db_mean": float(np.mean(psnr16)),
+        "psnr_loss_db_mean": float(delta.mean()),
+        "psnr_loss_db_sd": float(delta.std(ddof=1)) if len(delta) > 1 else 0.0,
+        "psnr_loss_db_max": float(delta.max()),
+        "max_abs_diff_hu": max(diffs),
+        "target_psnr_loss_db": 0.05,
+    }
+
+
+def _nullcontext() -> Any:
+    from contextlib import nullcontext
+
+    return nullcontext()
+
+
+def bench_denoise_e2e(quick: bool) -> dict[str, Any]:
+    """``ldct-denoise`` end to end (own process: start, checkpoint, scan, read, network, write) per path."""
+    n = 8 if quick else 32
+    out: dict[str, Any] = {"slices": n, "size": 512, "batch_size": DENOISE_BATCH, "targets": DENOISE_TARGETS}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        os.environ["LDCT_CACHE_DIR"] = str(root / "cache")
+        series = _write_bench_series(_ct_slices(n), root / "in")
+        ckpt = _bench_checkpoint(root / "bench.ckpt")
+        from ldct_lightning.inference import Denoiser
+
+        Denoiser.from_checkpoint(ckpt, backend="onnxruntime")  # ONNX cache filled once, as after a first run
+        for name, (flags, _) in DENOISE_VARIANTS.items():
+            if _device() != "cpu" and "onnxruntime" in flags:
+                continue
+            run = _denoise_subprocess(series, ckpt, root / f"out-{name}", [*flags, "--device", _device()])
+            if "error" not in run:
+                run["slices_per_s"] = n / run["process_wall_s"]
+                run["slices_per_s_in_run"] = n / run["run_s"]
+            out[name] = run
+    return out
+
+
+def bench_denoise_memory(quick: bool) -> dict[str, Any]:
+    """Peak RSS of ``ldct-denoise`` (default path) for a long and a short 512x512 series: streaming keeps it flat."""
+    lengths = (10, 60) if quick else (30, 300)
+    out: dict[str, Any] = {"size": 512, "batch_size": DENOISE_BATCH, "runs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        ckpt = _bench_checkpoint(root / "bench.ckpt")
+        slices = _ct_slices(4)
+        for n in lengths:
+            series = _write_bench_series(slices[np.arange(n) % len(slices)], root / f"in-{n}")
+            run = _denoise_subprocess(series, ckpt, root / f"out-{n}", ["--device", _device()])
+            out["runs"][str(n)] = run
+            shutil.rmtree(series)
+            shutil.rmtree(root / f"out-{n}", ignore_errors=True)
+    long_run, short_run = out["runs"][str(lengths[1])], out["runs"][str(lengths[0])]
+    if "peak_rss_mb" in long_run and "peak_rss_mb" in short_run:
+        out["series_slices"] = lengths[1]
+        out["denoise_peak_rss_mb"] = long_run["peak_rss_mb"]  # (peak_rss_mb is this section's own)
+        out["denoise_peak_rss_growth_mb"] = long_run["peak_rss_mb"] - short_run["peak_rss_mb"]
+        out["whole_series_float32_mb"] = lengths[1] * 512 * 512 * 4 / 2**20
+    return out
+
+
+def bench_gpu(quick: bool) -> dict[str, Any]:
+    """Stage-1 and stage-2 training throughput on one GPU at the paper's 128x128 crops (bf16 autocast)."""
+    if not torch.cuda.is_available():
+        return {"unmeasured": "no CUDA device"}
+    from ldct_lightning.losses import Stage1Loss, gradient_penalty
+    from ldct_lightning.models.critic import WGANCritic
+
+    torch.backends.cudnn.benchmark = True
+    crop = 128
+    gen = _generator().cuda().to(memory_format=torch.channels_last)
+    loss = Stage1Loss(perceptual_weight=1.0, vgg_weights="random").cuda()
+    opt = torch.optim.Adam(gen.parameters(), lr=1e-3, betas=(0.5, 0.999))
+    out: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(0),
+        "precision": "bf16 autocast",
+        "crop": crop,
+    }
+    torch.cuda.reset_peak_memory_stats()
+    x = torch.rand(16, 1, crop, crop, device="cuda").contiguous(memory_format=torch.channels_last)
+    y = torch.rand_like(x)
+
+    def step1() -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            total, _ = loss(gen(x), y)
+        total.backward()
+        opt.step()
+
+    n_steps = 5 if quick else 30
+    seconds = _timeit(lambda: ([step1() for _ in range(n_steps)], _sync()), repeat=3, warmup=1) / n_steps
+    out["stage1_patches_per_s_batch16"] = 16 / seconds
+    out["stage1_peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    critic = WGANCritic(patch_size=crop).cuda().to(memory_format=torch.channels_last)
+    opt_c = torch.optim.Adam(critic.parameters(), lr=1e-5, betas=(0.5, 0.999))
+    ld = torch.rand(20, 1, crop, crop, device="cuda").contiguous(memory_format=torch.channels_last)
+    nd = torch.rand_like(ld)
+    torch.cuda.reset_peak_memory_stats()
+
+    def step2() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            fake = gen(ld)
+        for _ in range(3):
+            opt_c.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss_c = critic(fake.detach()).float().mean() - critic(nd).float().mean()
+            (loss_c + 10.0 * gradient_penalty(critic, nd, fake.detach().float())).backward()
+            opt_c.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            g_loss = -critic(fake).float().mean()
+        g_loss.backward()
+        opt.step()
+
+    seconds = _timeit(lambda: ([step2() for _ in range(n_steps)], _sync()), repeat=3, warmup=1) / n_steps
+    out["stage2_patches_per_s_batch20"] = 20 / seconds
+    out["stage2_peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    out["note"] = "network steps only (no data loading); the data path is measured in the data section"
     return out
 
 
@@ -221,6 +489,10 @@ SECTIONS: dict[str, Callable[[bool], dict[str, Any]]] = {
     "model": bench_model,
     "stage2": bench_stage2,
     "denoise": bench_denoise,
+    "denoise_e2e": bench_denoise_e2e,
+    "denoise_memory": bench_denoise_memory,
+    "bf16_quality": bench_bf16_quality,
+    "gpu": bench_gpu,
 }
 
 
@@ -231,6 +503,7 @@ def _run_section(name: str, quick: bool) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "ldct_lightning.bench", "--section", name, "--section-out", result_file]
     if quick:
         cmd.append("--quick")
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -241,6 +514,7 @@ def _run_section(name: str, quick: bool) -> dict[str, Any]:
     finally:
         os.unlink(result_file)
     result["section_wall_s"] = wall
+    result["load_average_1min_before_after"] = [load_before, os.getloadavg()[0]]
     return result
 
 
@@ -253,6 +527,7 @@ def machine() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average_1_5_15_min": list(os.getloadavg()),
     }
     return info
 
@@ -266,7 +541,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and smaller sizes")
     parser.add_argument("--section", help=argparse.SUPPRESS)
     parser.add_argument("--section-out", help=argparse.SUPPRESS)
+    parser.add_argument("--quality-checkpoint", type=Path, help="bf16_quality: a trained checkpoint")
+    parser.add_argument("--quality-data", type=Path, help="bf16_quality: its data set (with split.yaml)")
+    parser.add_argument("--denoise-child", help=argparse.SUPPRESS)
+    parser.add_argument("denoise_args", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+
+    if args.denoise_child:  # child process: one ldct-denoise run, its time and peak RSS
+        from ldct_lightning.cli.denoise import main as denoise_main
+
+        t0 = time.perf_counter()
+        rc = denoise_main(args.denoise_args)
+        result = {"rc": rc, "run_s": time.perf_counter() - t0}
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        Path(args.denoise_child).write_text(json.dumps(result))
+        return rc
 
     if args.section:  # child process: run one section, write its JSON, report peak RSS
         result = SECTIONS[args.section](args.quick)
@@ -274,6 +563,9 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.section_out).write_text(json.dumps(result))
         return 0
 
+    if args.quality_checkpoint and args.quality_data:  # sections run in subprocesses: pass them on
+        os.environ["LDCT_BENCH_CHECKPOINT"] = str(args.quality_checkpoint.resolve())
+        os.environ["LDCT_BENCH_DATA"] = str(args.quality_data.resolve())
     names = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in names if s not in SECTIONS]
     if unknown:

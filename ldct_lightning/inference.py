@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,14 +25,22 @@ import torch
 import yaml
 from torch import nn
 
-from ldct_lightning.data.dicom import SeriesInfo, read_series_hu, scan_dicom_folder
+from ldct_lightning.data.dicom import SeriesInfo, iter_series_hu, scan_dicom_folder
 from ldct_lightning.data.normalize import HU_MAX, HU_MIN, hu_to_unit, unit_to_hu
+from ldct_lightning.inference_backends import (
+    BACKENDS,
+    BackendError,
+    TorchNetwork,
+    onnx_network,
+    optimized_generator,
+)
 from ldct_lightning.models.generator import AttentionResUNet
 from ldct_lightning.modules.handoff import load_generator_weights
 
 log = logging.getLogger(__name__)
 
 Array = TypeVar("Array", np.ndarray, torch.Tensor)
+Item = TypeVar("Item")
 
 # Only generators of this package may be built from a config file: a `_target_` is an import path, and a
 # config file from elsewhere must not be able to call arbitrary functions.
@@ -202,6 +210,13 @@ class Denoiser:
         batch_size: slices (or tiles) per forward pass.
         hu_min: HU mapped to 0 by the normalisation the generator was trained with.
         hu_max: HU mapped to 1.
+        backend: ``torch`` or ``onnxruntime`` (CPU, float32; see
+            :mod:`~ldct_lightning.inference_backends`).
+        fold_bn: (torch) fold batch norm into the convolutions of a copy of the generator.
+        channels_last: (torch) run a channels-last copy of the generator.
+        onnx_path: (onnxruntime) an ``.onnx`` file of this generator; None: exported once into a cache.
+
+    ``generator`` stays the plain module (for export); ``network`` is what runs.
     """
 
     def __init__(
@@ -214,6 +229,10 @@ class Denoiser:
         batch_size: int = 4,
         hu_min: float = HU_MIN,
         hu_max: float = HU_MAX,
+        backend: str = "torch",
+        fold_bn: bool = False,
+        channels_last: bool = False,
+        onnx_path: str | Path | None = None,
     ) -> None:
         if batch_size < 1:
             raise InferenceError(f"batch_size={batch_size}: must be >= 1")
@@ -221,15 +240,43 @@ class Denoiser:
             raise InferenceError(f"overlap={overlap}: must be >= 0")
         if tile is not None and tile <= overlap:
             raise InferenceError(f"tile={tile}: must be larger than the overlap ({overlap}) to make progress")
+        if backend not in BACKENDS:
+            raise InferenceError(f"backend={backend!r}: use one of {', '.join(BACKENDS)}")
         self.device = _resolve_device(device)
         self.autocast_dtype = _resolve_half(half, self.device)
         self.generator = generator.to(self.device).eval()
+        self.backend = backend
+        self.network = self._make_network(backend, fold_bn, channels_last, onnx_path)
         self.tile = tile
         self.overlap = overlap
         self.batch_size = batch_size
         self.hu_min = hu_min
         self.hu_max = hu_max
         self.generator_source = "given"  # where the architecture came from (from_checkpoint sets it)
+
+    def _make_network(
+        self, backend: str, fold_bn: bool, channels_last: bool, onnx_path: str | Path | None
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The callable that runs the network: the (prepared) torch module or an ONNX Runtime session."""
+        if backend == "torch":
+            if onnx_path is not None:
+                raise InferenceError(
+                    "onnx_path is for backend onnxruntime; drop it or use backend onnxruntime"
+                )
+            module = optimized_generator(self.generator, fold_bn, channels_last)
+            return TorchNetwork(module, channels_last)
+        if self.device.type != "cpu":
+            raise InferenceError(
+                f"backend onnxruntime runs on the CPU only (device {self.device}). Use backend torch"
+            )
+        if self.autocast_dtype is not None:
+            raise InferenceError(
+                "reduced precision (bf16/fp16) is for backend torch; use float32 with onnxruntime"
+            )
+        try:
+            return onnx_network(self.generator, onnx_path)
+        except BackendError as e:
+            raise InferenceError(str(e)) from e
 
     @classmethod
     def from_checkpoint(
@@ -241,6 +288,7 @@ class Denoiser:
         tile: int | None = None,
         overlap: int = 32,
         batch_size: int = 4,
+        **fast: Any,
     ) -> Denoiser:
         """Build the generator and load its weights from a Lightning checkpoint (``generator.*`` keys).
 
@@ -255,6 +303,7 @@ class Denoiser:
             tile: tile size (None: whole slices).
             overlap: tile overlap in pixels.
             batch_size: slices or tiles per forward pass.
+            **fast: ``backend``, ``fold_bn``, ``channels_last``, ``onnx_path`` (see :class:`Denoiser`).
 
         Returns:
             The denoiser, in eval mode.
@@ -274,7 +323,7 @@ class Denoiser:
         log.info("generator architecture from %s", source)
         generator = build_generator(config, source=source)
         load_generator_weights(generator, path, prefix="generator.")
-        denoiser = cls(generator, device, half, tile, overlap, batch_size)
+        denoiser = cls(generator, device, half, tile, overlap, batch_size, **fast)
         denoiser.generator_source = source
         return denoiser
 
@@ -288,7 +337,7 @@ class Denoiser:
                 else nullcontext()
             )
             with amp:
-                outs.append(self.generator(chunk).float())
+                outs.append(self.network(chunk).float().to(x.device))
         return torch.cat(outs)
 
     def _forward_tiled(self, x: torch.Tensor) -> torch.Tensor:
@@ -340,14 +389,44 @@ class Denoiser:
             return result.numpy()
         return result.clone()  # a normal tensor: inference tensors refuse in-place ops outside inference mode
 
+    def denoise_stream(
+        self, items: Iterable[Item], image: Callable[[Item], np.ndarray] | None = None
+    ) -> Iterator[tuple[Item, np.ndarray]]:
+        """Denoise a stream of slices ``batch_size`` at a time (through :meth:`denoise`), in order.
+
+        Only one batch is held here, so memory stays bounded for any series length when ``items`` is lazy.
+
+        Args:
+            items: slices (H, W) in HU, or objects holding one (see ``image``).
+            image: gets the HU slice out of an item (default: the item is the slice).
+
+        Returns:
+            An iterator of ``(item, denoised slice (H, W) float32 in HU)``.
+        """
+        batch: list[Item] = []
+        get = image if image is not None else (lambda item: item)
+
+        def run() -> Iterator[tuple[Item, np.ndarray]]:
+            out = self.denoise(np.stack([np.asarray(get(item), dtype=np.float32) for item in batch]))
+            return zip(batch, out, strict=True)
+
+        for item in items:
+            batch.append(item)
+            if len(batch) == self.batch_size:
+                yield from run()
+                batch = []
+        if batch:
+            yield from run()
+
     def denoise_series(
-        self, folder: str | Path, progress: bool = False
+        self, folder: str | Path, progress: bool = False, read_workers: int = 2
     ) -> list[tuple[SeriesInfo, np.ndarray]]:
-        """Denoise every CT series found under a folder.
+        """Denoise every CT series found under a folder (each whole volume is returned in memory).
 
         Args:
             folder: a DICOM folder tree (see :func:`~ldct_lightning.data.dicom.scan_dicom_folder`).
             progress: show tqdm progress bars while reading.
+            read_workers: threads reading slices while the network runs.
 
         Returns:
             One ``(series, denoised HU volume (n, rows, cols) float32)`` per series, slices in ``series.files``
@@ -358,7 +437,11 @@ class Denoiser:
         """
         results = []
         for series in scan_dicom_folder(folder, progress=progress, allow_non_ct=True):
-            results.append((series, self.denoise(read_series_hu(series, progress=progress))))
+            volume = np.empty((series.n_slices, series.rows, series.cols), dtype=np.float32)
+            slices = iter_series_hu(series, progress, read_workers, ahead=2 * self.batch_size)
+            for i, (_, out) in enumerate(self.denoise_stream(slices)):
+                volume[i] = out
+            results.append((series, volume))
         return results
 
     def __call__(self, hu_slices: Array) -> Array:

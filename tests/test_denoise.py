@@ -11,6 +11,7 @@ import pytest
 import torch
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
+from ldct_lightning import derived_series
 from ldct_lightning.cli import denoise as cli
 from ldct_lightning.data.dicom import read_series_hu, scan_dicom_folder
 from ldct_lightning.inference import (
@@ -291,7 +292,7 @@ def test_interrupted_run_leaves_nothing_half_written(
 ):
     write_series("in", n_slices=3, shape=SHAPE)
     calls = []
-    real_save = cli.save_atomic
+    real_save = derived_series.save_atomic
 
     def flaky_save(ds, path):
         calls.append(path)
@@ -299,7 +300,7 @@ def test_interrupted_run_leaves_nothing_half_written(
             raise KeyboardInterrupt
         real_save(ds, path)
 
-    monkeypatch.setattr(cli, "save_atomic", flaky_save)
+    monkeypatch.setattr(derived_series, "save_atomic", flaky_save)
     rc, _, err = _run_cli(
         [tmp_path / "in", tmp_path / "out", "-c", run_checkpoint(), "--batch-size", "1"], capsys
     )

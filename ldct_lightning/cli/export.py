@@ -13,210 +13,25 @@ ONNX is the format to prefer for deployment. ONNX needs the optional packages ``
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from ldct_lightning import __version__
-from ldct_lightning.data.normalize import HU_MAX, HU_MIN
+from ldct_lightning.export import (
+    FORMATS,
+    META_FILE,
+    MIN_OPSET,
+    ExportError,
+    export_generator,
+    export_metadata,
+    require_onnx,
+    verify_shape,
+)
 from ldct_lightning.inference import Denoiser, InferenceError, load_generator_config
 from ldct_lightning.modules.handoff import CheckpointError
 
 PROG = "ldct-export"
-FORMATS = ("torchscript", "onnx")
-MIN_OPSET = 17
-META_FILE = "ldct_meta.json"
-
-
-class ExportError(ValueError):
-    """An export that cannot be done; ``str(e)`` says why and what to do."""
-
-
-class PaddedGenerator(nn.Module):
-    """Pads the input to a multiple of ``multiple`` and crops the output back, with traceable size arithmetic.
-
-    The generator pads by itself too, but through a Python ``if`` that tracing freezes at the example size; here
-    the pad amounts are computed from the traced shape with no branch (a zero pad when none is needed), so the
-    exported graph is right for any height and width, and the generator always sees a multiple of its
-    ``2**depth`` (its own padding branch is then never taken).
-
-    Args:
-        generator: the network (B, 1, H, W) -> (B, 1, H, W).
-        multiple: pad height and width to a multiple of this (``2**depth`` of a U-Net).
-        pad_mode: ``reflect``, ``replicate`` or ``zeros``.
-    """
-
-    def __init__(self, generator: nn.Module, multiple: int, pad_mode: str = "reflect") -> None:
-        super().__init__()
-        self.generator = generator
-        self.multiple = multiple
-        self.mode = "constant" if pad_mode == "zeros" else pad_mode
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2], x.shape[-1]
-        ph = (self.multiple - h % self.multiple) % self.multiple
-        pw = (self.multiple - w % self.multiple) % self.multiple
-        top, left = ph // 2, pw // 2
-        xp = F.pad(x, (left, pw - left, top, ph - top), mode=self.mode)
-        return self.generator(xp)[..., top : top + h, left : left + w]
-
-
-def exportable(generator: nn.Module) -> nn.Module:
-    """Wrap a generator for tracing with dynamic height and width (see :class:`PaddedGenerator`)."""
-    depth = getattr(generator, "depth", None)
-    if not isinstance(depth, int):
-        return generator.eval()  # not a U-Net with a known depth: any size works as is
-    return PaddedGenerator(generator, 2**depth, getattr(generator, "pad_mode", "reflect")).eval()
-
-
-def _metadata(checkpoint: Path, fmt: str, generator_source: str) -> dict[str, str]:
-    return {
-        "producer": f"ldct-lightning {__version__}",
-        "checkpoint": checkpoint.name,
-        "generator_config": Path(generator_source).name
-        if generator_source not in ("defaults", "given")
-        else "",
-        "format": fmt,
-        "input": "float32 (batch, 1, height, width), normalised: (clip(HU, hu_min, hu_max) - hu_min) / (hu_max - hu_min)",
-        "output": "float32 (batch, 1, height, width), same normalisation; HU = y * (hu_max - hu_min) + hu_min",
-        "hu_min": str(HU_MIN),
-        "hu_max": str(HU_MAX),
-    }
-
-
-def _verify_shape(size: int) -> tuple[int, int, int, int]:
-    """A check input unlike the example: batch 2, other height and width (not multiples of 16)."""
-    half = max(16, size // 2)
-    return (2, 1, half + 4, half + 8)
-
-
-def export_torchscript(model: nn.Module, example: torch.Tensor, out: Path, meta: dict[str, str]) -> nn.Module:
-    """Trace ``model`` and save it with the metadata as an extra file.
-
-    Args:
-        model: the (wrapped) generator, in eval mode.
-        example: example input for tracing.
-        out: the ``.pt`` file to write.
-        meta: metadata stored as ``ldct_meta.json``.
-
-    Returns:
-        The model loaded back from ``out``.
-    """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings(), torch.no_grad():
-        # TracerWarnings concern the generator's own padding branch, which PaddedGenerator makes unused
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        # TorchScript is deprecated in recent PyTorch but still works; the user asked for it by name
-        warnings.simplefilter("ignore", DeprecationWarning)
-        traced = torch.jit.trace(model, example)
-        torch.jit.save(traced, str(out), _extra_files={META_FILE: json.dumps(meta)})
-        return torch.jit.load(str(out), map_location="cpu")
-
-
-def _require_onnx() -> tuple[Any, Any]:
-    try:
-        import onnx
-        import onnxruntime
-    except ImportError as e:
-        raise ExportError(
-            f"ONNX export needs the optional packages onnx and onnxruntime ({e.name} is missing): "
-            "pip install 'ldct-lightning[export]'"
-        ) from e
-    return onnx, onnxruntime
-
-
-def export_onnx(
-    model: nn.Module, example: torch.Tensor, out: Path, meta: dict[str, str], opset: int = MIN_OPSET
-) -> Any:
-    """Export ``model`` to ONNX with dynamic batch, height and width, and check the file.
-
-    Uses the TorchScript-based exporter (``dynamo=False``), which records the traced size arithmetic of
-    :class:`PaddedGenerator` as graph operations and needs no ``onnxscript``.
-
-    Args:
-        model: the (wrapped) generator, in eval mode.
-        example: example input for tracing.
-        out: the ``.onnx`` file to write.
-        meta: metadata stored in ``metadata_props``.
-        opset: ONNX opset (>= 17).
-
-    Returns:
-        An ``onnxruntime.InferenceSession`` on the written file (CPU).
-    """
-    onnx, onnxruntime = _require_onnx()
-    if opset < MIN_OPSET:
-        raise ExportError(f"--opset {opset}: use {MIN_OPSET} or newer")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    axes = {0: "batch", 2: "height", 3: "width"}
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter is deprecated, not removed
-        torch.onnx.export(
-            model,
-            (example,),
-            str(out),
-            dynamo=False,
-            opset_version=opset,
-            input_names=["input"],
-            output_names=["output"],
-            dynamic_axes={"input": axes, "output": axes},
-        )
-    proto = onnx.load(str(out))
-    for key, value in meta.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(out))
-    return onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-
-
-def export_generator(
-    generator: nn.Module,
-    out: Path,
-    fmt: str,
-    size: int = 512,
-    opset: int = MIN_OPSET,
-    meta: dict[str, str] | None = None,
-) -> float:
-    """Export a generator and check the file against PyTorch.
-
-    Args:
-        generator: the network (on the CPU).
-        out: the file to write.
-        fmt: ``torchscript`` or ``onnx``.
-        size: height and width of the tracing example.
-        opset: ONNX opset.
-        meta: metadata to store.
-
-    Returns:
-        The largest absolute difference between the exported model and PyTorch on a check input of another
-        size (normalised units).
-    """
-    if fmt not in FORMATS:
-        raise ExportError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
-    if size < 16:
-        raise ExportError(f"--size {size}: use at least 16")
-    model = exportable(generator.cpu().eval())
-    example = torch.rand(1, 1, size, size, generator=torch.Generator().manual_seed(0))
-    check = torch.rand(*_verify_shape(size), generator=torch.Generator().manual_seed(1))
-    meta = meta or {}
-    with torch.no_grad():
-        expected = generator(check)
-    if fmt == "torchscript":
-        loaded = export_torchscript(model, example, out, meta)
-        with torch.no_grad():
-            got = loaded(check)
-    else:
-        session = export_onnx(model, example, out, meta, opset)
-        got = torch.from_numpy(session.run(None, {"input": check.numpy()})[0])
-    return float((got - expected).abs().max())
+__all__ = ["FORMATS", "META_FILE", "PROG", "build_parser", "main", "run"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,14 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Run the command; raises the errors that :func:`main` turns into one line and exit code 2."""
     if args.format == "onnx":
-        _require_onnx()  # fail before loading the checkpoint
+        require_onnx()  # fail before loading the checkpoint
     generator_kwargs = load_generator_config(args.generator_config) if args.generator_config else None
     denoiser = Denoiser.from_checkpoint(args.checkpoint, generator_kwargs=generator_kwargs)
-    meta = _metadata(args.checkpoint, args.format, denoiser.generator_source)
+    meta = export_metadata(args.checkpoint, args.format, denoiser.generator_source)
     diff = export_generator(denoiser.generator, args.out, args.format, args.size, args.opset, meta)
     print(
         f"{PROG}: wrote {args.out} ({args.format}); max |exported - PyTorch| = {diff:.2e} "
-        f"on a {_verify_shape(args.size)} check input"
+        f"on a {verify_shape(args.size)} check input"
     )
     if diff > 1e-3:
         print(f"{PROG}: warning: the exported model differs from PyTorch by {diff:.2e}", file=sys.stderr)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from pydicom.pixels import apply_modality_lut
 from pydicom.uid import MediaStorageDirectoryStorage
 from tqdm.auto import tqdm
 
+from ldct_lightning.data.prefetch import ordered_prefetch
 from ldct_lightning.privacy import KEY_FILE_NAME, Pseudonymizer, find_key_root, pseudonymizer
 
 # Slices closer than this along the normal count as the same position (mm).
@@ -566,6 +568,56 @@ def read_slice_hu(path: Path) -> np.ndarray:
     return hu
 
 
+def _decode_checked(series: SeriesInfo, path: Path) -> tuple[np.ndarray, bool]:
+    """One slice of ``series`` in HU and whether its rescale tags were missing; checks the scanned size."""
+    hu, missing = _decode_hu(path)
+    if hu.shape != (series.rows, series.cols):
+        raise DicomError(
+            f"{path}: slice is {hu.shape[0]}x{hu.shape[1]}, but series {series.series_key} was scanned as "
+            f"{series.rows}x{series.cols}. The files changed since the scan: scan the folder again",
+            path=path,
+        )
+    return hu, missing
+
+
+def iter_series_hu(
+    series: SeriesInfo, progress: bool = False, workers: int = 0, ahead: int = 8
+) -> Iterator[np.ndarray]:
+    """The slices of a series in HU, one at a time in ``series.files`` order, optionally read ahead on threads.
+
+    At most ``ahead`` decoded slices wait in memory (see :func:`~ldct_lightning.data.prefetch.ordered_prefetch`),
+    so memory stays bounded for any series length. Missing rescale tags give one warning at the end.
+
+    Args:
+        series: a series from :func:`scan_dicom_folder`.
+        progress: show a tqdm progress bar.
+        workers: reader threads (0: read in the calling thread).
+        ahead: slices read ahead of the consumer.
+
+    Returns:
+        An iterator of float32 arrays (rows, cols) in HU.
+
+    Raises:
+        DicomError: a slice cannot be read or its size differs from the scanned header.
+    """
+    missing_rescale: list[Path] = []
+    slices = ordered_prefetch(partial(_decode_checked, series), series.files, workers=workers, ahead=ahead)
+    bar = tqdm(
+        slices,
+        total=series.n_slices,
+        desc=f"read series {series.series_key}",
+        unit="slice",
+        disable=not progress,
+    )
+    for path, (hu, missing) in zip(series.files, bar, strict=True):
+        if missing:
+            missing_rescale.append(path)
+        yield hu
+    if missing_rescale:
+        detail = f" (in {len(missing_rescale)} of {series.n_slices} files of series {series.series_key})"
+        _warn_missing_rescale(missing_rescale[0], detail)
+
+
 def read_series_hu(series: SeriesInfo, progress: bool = False) -> np.ndarray:
     """Read a whole series in Hounsfield units, in the order of ``series.files``.
 
@@ -580,20 +632,6 @@ def read_series_hu(series: SeriesInfo, progress: bool = False) -> np.ndarray:
         DicomError: a slice cannot be read or its size differs from the scanned header.
     """
     volume = np.empty((series.n_slices, series.rows, series.cols), dtype=np.float32)
-    missing_rescale: list[Path] = []
-    files = tqdm(series.files, desc=f"read series {series.series_key}", unit="slice", disable=not progress)
-    for i, path in enumerate(files):
-        hu, missing = _decode_hu(path)
-        if hu.shape != volume.shape[1:]:
-            raise DicomError(
-                f"{path}: slice is {hu.shape[0]}x{hu.shape[1]}, but series {series.series_key} was scanned as "
-                f"{series.rows}x{series.cols}. The files changed since the scan: scan the folder again",
-                path=path,
-            )
+    for i, hu in enumerate(iter_series_hu(series, progress=progress)):
         volume[i] = hu
-        if missing:
-            missing_rescale.append(path)
-    if missing_rescale:
-        detail = f" (in {len(missing_rescale)} of {series.n_slices} files of series {series.series_key})"
-        _warn_missing_rescale(missing_rescale[0], detail)
     return volume
