@@ -58,6 +58,26 @@ def test_zero_initialised_output_conv_gives_the_identity(size: tuple[int, int]) 
     assert torch.equal(net(x), x)
 
 
+def test_eval_mode_pads_whole_images_by_the_margin_and_training_does_not() -> None:
+    """Eval mode = the margin-free network on the image reflect-padded by numpy by eval_margin, then cropped."""
+    torch.manual_seed(0)
+    net = AttentionResUNet(base_channels=4, depth=2, eval_margin=6)
+    plain = AttentionResUNet(base_channels=4, depth=2, eval_margin=0)
+    plain.load_state_dict(net.state_dict())
+    x = torch.rand(2, 1, 20, 24)
+    net.eval(), plain.eval()
+    # 20 + 12 = 32 and 24 + 12 = 36: multiples of 2**depth = 4, so the margin is the only padding
+    padded = torch.from_numpy(np.pad(x.numpy(), ((0, 0), (0, 0), (6, 6), (6, 6)), mode="reflect"))
+    with torch.no_grad():
+        expected = plain(padded)[..., 6:-6, 6:-6]
+        torch.testing.assert_close(net(x), expected, rtol=0, atol=1e-6)
+        assert (net(x) - plain(x)).abs().max() > 1e-4  # the margin changes the border: the test can fail
+        net.train(), plain.train()
+        torch.testing.assert_close(net(x), plain(x), rtol=0, atol=1e-6)  # no margin in training
+    with pytest.raises(ValueError, match="eval_margin"):
+        AttentionResUNet(eval_margin=-1)
+
+
 def test_generator_layout_follows_the_paper() -> None:
     net = AttentionResUNet(base_channels=8, depth=4)
     enc = [(b.conv1.in_channels, b.conv1.out_channels) for b in net.encoders]
@@ -132,16 +152,22 @@ def test_default_generator_size_matches_spec() -> None:
     assert (params, flops) == (8_298_729, 119_035_521_536)  # the layer table above, written out
     assert count_parameters(AttentionResUNet()) == params
     with torch.device("meta"):  # FlopCounterMode counts on meta tensors: no compute
-        meta_net = AttentionResUNet()
+        meta_net = AttentionResUNet(eval_margin=0)
+        with_margin = AttentionResUNet()
     cost = count_flops(meta_net, (1, 1, 512, 512))
     assert cost.flops == flops
+    # the default eval-mode margin (8 px a side): the cost of the same network on a 528 x 528 slice (+6.3 %)
+    assert count_flops(with_margin, (1, 1, 512, 512)).flops == count_flops(meta_net, (1, 1, 528, 528)).flops
     assert cost.macs * 2 == cost.flops
     assert cost.gflops == pytest.approx(119.04, abs=0.01)
     # another width and depth: the table, not a constant, is what the network follows
     small = generator_size(base=8, depth=2, size=64)
     assert count_parameters(AttentionResUNet(base_channels=8, depth=2)) == small[0]
     with torch.device("meta"):
-        assert count_flops(AttentionResUNet(base_channels=8, depth=2), (1, 1, 64, 64)).flops == small[1]
+        assert (
+            count_flops(AttentionResUNet(base_channels=8, depth=2, eval_margin=0), (1, 1, 64, 64)).flops
+            == small[1]
+        )
 
 
 def test_count_flops_counts_two_per_multiply_accumulate() -> None:

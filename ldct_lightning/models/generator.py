@@ -26,6 +26,10 @@ class AttentionResUNet(nn.Module):
 
     Inputs whose height or width is not a multiple of ``2**depth`` are padded (``pad_mode``; ``reflect``
     falls back to ``replicate`` when the image is smaller than the padding) and the output is cropped back.
+    In eval mode (validation, inference) the image is first padded by ``eval_margin`` pixels on every side
+    the same way: training crops come from inside the field, so the network never learns the border of a whole
+    image; without the margin it left errors of 100-2500 HU in the outermost rows and columns of whole slices
+    (bench preset, stage 1: whole-slice RMSE 40.0 HU without a margin, 17.9 HU with 4, 8 or 16 px, the input's 22.8; README).
 
     Args:
         in_channels: image channels (input and output).
@@ -40,6 +44,7 @@ class AttentionResUNet(nn.Module):
             Off by default: the paper does not mention it and the ``oneStep`` ablation starts from a
             standard random initialisation.
         pad_mode: ``reflect``, ``replicate`` or ``zeros``, for sizes not divisible by ``2**depth``.
+        eval_margin: pixels of padding on every side in eval mode (0: none; the paper does not say).
     """
 
     def __init__(
@@ -54,6 +59,7 @@ class AttentionResUNet(nn.Module):
         spatial_kernel: int = 7,
         zero_init_output: bool = False,
         pad_mode: str = "reflect",
+        eval_margin: int = 8,
     ) -> None:
         super().__init__()
         if depth < 1:
@@ -62,6 +68,9 @@ class AttentionResUNet(nn.Module):
             raise ValueError(f"in_channels={in_channels}, base_channels={base_channels}: must be >= 1")
         if pad_mode not in PAD_MODES:
             raise ValueError(f"pad_mode={pad_mode!r}: use one of {', '.join(PAD_MODES)}")
+        if eval_margin < 0:
+            raise ValueError(f"eval_margin={eval_margin}: must be >= 0")
+        self.eval_margin = eval_margin
         self.in_channels = in_channels
         self.depth = depth
         self.pad_mode = pad_mode
@@ -86,10 +95,12 @@ class AttentionResUNet(nn.Module):
 
     def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
         h, w = x.shape[-2:]
+        margin = 0 if self.training else self.eval_margin
         m = 2**self.depth
-        ph, pw = -h % m, -w % m
-        pads = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)  # F.pad order: left, right, top, bottom
-        if ph == 0 and pw == 0:
+        ph, pw = -(h + 2 * margin) % m, -(w + 2 * margin) % m
+        # F.pad order: left, right, top, bottom
+        pads = (margin + pw // 2, margin + pw - pw // 2, margin + ph // 2, margin + ph - ph // 2)
+        if max(pads) == 0:
             return x, pads
         if self.pad_mode == "zeros":
             return F.pad(x, pads), pads
