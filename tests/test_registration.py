@@ -237,8 +237,13 @@ def test_registered_mode_trains_on_the_warped_ndct_with_its_mask(tiny_dataset: P
     p = dataset.patients[i]
     y, x = dataset._position(rng, np.asarray(p.ldct), k)
     s = dataset.crop_size
-    np.testing.assert_allclose(item["mask"][0].numpy(), p.registered_mask[k, y : y + s, x : x + s])
-    expected = (np.asarray(p.ndct_registered[k, y : y + s, x : x + s], np.float32) + 1024) / 4095
+    good = np.asarray(p.registered_mask[k, y : y + s, x : x + s], bool)
+    assert good.any() and not good.all()
+    # weight 1 inside the well-registered mask, data.registered_input_weight (0.1) outside
+    np.testing.assert_allclose(item["mask"][0].numpy(), np.where(good, 1.0, 0.1), rtol=1e-6)
+    # the target: the registered NDCT inside the mask, the LDCT itself outside
+    hu = np.where(good, p.ndct_registered[k, y : y + s, x : x + s], p.ldct[k, y : y + s, x : x + s])
+    expected = (np.asarray(hu, np.float32) + 1024) / 4095
     np.testing.assert_allclose(item["target"][0].numpy(), np.clip(expected, 0, 1), atol=1e-6)
 
     out = tmp_path / "run"
