@@ -373,7 +373,7 @@ def test_registered_mode_trains_and_beats_its_input(tmp_path: Path) -> None:
     assert patient.patient_key == test_key and patient.ndct_registered is not None
     ldct = np.asarray(patient.ldct, np.float64)
     clean = truth["clean_ld"].astype(np.float64)  # the noiseless image in the LDCT's pose and slices
-    window = lambda hu: np.clip((np.asarray(hu, np.float64) + 160.0) / 400.0, 0, 1)  # noqa: E731 C40/W400
+    window = lambda hu: np.clip((np.asarray(hu, np.float64) + 160.0) / 400.0, 0, 1)  # noqa: E731  abdomen window
     psnr_input = peak_signal_noise_ratio(window(clean), window(ldct), data_range=1)
     output = denoiser.denoise(ldct.astype(np.float32))
     psnr_output = peak_signal_noise_ratio(window(clean), window(output), data_range=1)

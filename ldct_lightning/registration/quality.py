@@ -94,6 +94,8 @@ def registered_mask(
     if residual_tolerance_hu is not None:
         worst = np.abs(a - b)
         if residual_radius_px > 0:
-            worst = ndimage.maximum_filter(worst, size=(1, 2 * residual_radius_px + 1, 2 * residual_radius_px + 1))
+            worst = ndimage.maximum_filter(
+                worst, size=(1, 2 * residual_radius_px + 1, 2 * residual_radius_px + 1)
+            )
         good &= worst < residual_tolerance_hu
     return good
