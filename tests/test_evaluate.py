@@ -371,3 +371,31 @@ def test_report_describes_the_3d_registration_of_two_frame_studies() -> None:
     assert ndct_label(info) == "NDCT, registered in 3-D onto the input"
     assert ndct_label({"ndct_registration_3d": {}}) == "NDCT, nearest slice in z, not aligned"
     assert ndct_label({"register": True, "ndct_registration_3d": studies}).startswith("NDCT, rigidly")
+
+
+def test_test_studies_that_fail_to_register_are_counted_and_named(
+    tiny_dataset: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """A test study whose registration fails is not scored, but the evaluation names and counts it."""
+    from ldct_lightning.registration import RegistrationCache, RegistrationError
+
+    dm = make_dm(tiny_dataset, tmp_path)
+    dm.prepare_data()
+    failing = dm.split.test[0]
+    real_get = RegistrationCache.get
+
+    def get(self, *args, **kwargs):
+        if args[-1] == failing:  # the hashed patient key
+            raise RegistrationError(f"patient {failing}: registration residual too large (test)")
+        return real_get(self, *args, **kwargs)
+
+    monkeypatch.setattr(RegistrationCache, "get", get)
+    with pytest.warns(UserWarning, match=f"patient {failing}.*left out of test"):
+        result = evaluate({"smooth": smooth}, dm, tmp_path / "out", proposed="smooth", progress=False)
+    assert result.info["registration_left_out"] == [failing]
+    assert result.info["patients"] == [k for k in dm.split.test if k != failing]
+    assert failing not in {r["patient_key"] for r in result.records}
+    saved = json.loads((result.out_dir / "evaluation.json").read_text())
+    assert saved["registration_left_out"] == [failing]
+    text = write_report(result, log_to_wandb=False).report_path.read_text()
+    assert "**1 test study was left out**" in text and failing in text

@@ -134,6 +134,8 @@ class LDCTDataModule(L.LightningDataModule):
             is left out with a warning.
         unaligned_registered: unaligned mode: also give the NDCT registered onto each LDCT crop and its
             well-registered mask (batch keys ``registered``, ``registered_mask``; stage 2's ``registered_weight``).
+        registered_input_weight: ``registered`` mode: outside the well-registered mask the target is the LDCT
+            input with this loss weight (0: no supervision there; see :class:`RegisteredDataset`).
 
     Raises:
         DataConfigError: a config value is invalid (raised at construction, or at setup when it depends on
@@ -172,6 +174,7 @@ class LDCTDataModule(L.LightningDataModule):
         strict: bool = False,
         registration: Mapping[str, Any] | None = None,
         unaligned_registered: bool = False,
+        registered_input_weight: float = 0.1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -202,6 +205,11 @@ class LDCTDataModule(L.LightningDataModule):
         self.strict = bool(strict)
         self.write_split = bool(write_split)
         self.unaligned_registered = bool(unaligned_registered)
+        if not 0 <= registered_input_weight <= 1:
+            raise DataConfigError(
+                f"data.registered_input_weight={registered_input_weight!r}: must be in [0, 1]"
+            )
+        self.registered_input_weight = float(registered_input_weight)
         self.registration_mode, self.registration_cfg = self._check_registration(registration)
         self.registration_info: dict[str, dict] = {}
         self._registered_parts: set[str] = set()
@@ -687,7 +695,7 @@ class LDCTDataModule(L.LightningDataModule):
                 )
                 default_n = len(dataset.pairs)
             elif self.train_mode == "registered":
-                dataset = RegisteredDataset(train, **common)
+                dataset = RegisteredDataset(train, input_weight=self.registered_input_weight, **common)
                 default_n = len(dataset.pairs)
             else:
                 dataset = PairedDataset(train, **common)

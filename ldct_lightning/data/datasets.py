@@ -571,9 +571,13 @@ class PairedDataset(UnalignedDataset):
 
 
 class RegisteredDataset(_CropDataset):
-    """An LDCT crop (``input``), the same pixels of the NDCT registered onto the LDCT (``target``) and the
-    mask of well-registered pixels (``mask``, float 0/1), for supervised training on clinical pairs.
+    """An LDCT crop (``input``), the same pixels of the NDCT registered onto the LDCT (``target``) and a
+    per-pixel loss weight (``mask``), for supervised training on clinical pairs.
 
+    Inside the well-registered mask the target is the registered NDCT with weight 1. Outside it the
+    registered NDCT is a wrong target (structure a few mm off, slices mixed by the z interpolation), and
+    no target at all lets the network output anything there; so the target is the input itself with
+    weight ``input_weight``: where the NDCT cannot tell, keep the LDCT (0: no supervision there).
     Only usable LDCT slices (see :class:`PatientVolumes`) are drawn.
 
     Args:
@@ -587,6 +591,7 @@ class RegisteredDataset(_CropDataset):
         min_foreground: smallest fraction of crop pixels above ``foreground_hu`` (0 = no check).
         foreground_hu: HU threshold between air and body.
         max_tries: crop positions tried before accepting a mostly-air crop.
+        input_weight: loss weight of the LDCT-as-target pixels outside the mask, in [0, 1].
     """
 
     _stream = 4
@@ -603,6 +608,7 @@ class RegisteredDataset(_CropDataset):
         min_foreground: float = 0.0,
         foreground_hu: float = -500.0,
         max_tries: int = 10,
+        input_weight: float = 0.0,
     ) -> None:
         super().__init__(
             crop_size,
@@ -617,6 +623,9 @@ class RegisteredDataset(_CropDataset):
         )
         if not patients:
             raise ValueError("RegisteredDataset needs at least one patient")
+        if not 0 <= input_weight <= 1:
+            raise ValueError(f"RegisteredDataset: input_weight={input_weight!r} must be in [0, 1]")
+        self.input_weight = float(input_weight)
         pairs = []
         for i, p in enumerate(patients):
             if p.ldct is None or p.ndct_registered is None or p.registered_mask is None:
@@ -651,8 +660,11 @@ class RegisteredDataset(_CropDataset):
                 )
             )
         )[0]
-        mask = self._crop(np.asarray(p.registered_mask[k : k + 1]), 0, y, x, t)
-        return {"input": images[:1], "target": images[1:], "mask": torch.from_numpy(mask)[None]}
+        crop = self._crop(np.asarray(p.registered_mask[k : k + 1]), 0, y, x, t)
+        mask = torch.from_numpy(np.asarray(crop, dtype=bool))[None]
+        target = torch.where(mask, images[1:], images[:1])
+        weight = torch.where(mask, 1.0, self.input_weight).to(images.dtype)
+        return {"input": images[:1], "target": target, "mask": weight}
 
 
 class SliceDataset(Dataset):

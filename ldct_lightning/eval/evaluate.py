@@ -356,6 +356,13 @@ def _read_patient_records(path: Path) -> list[PatientRecord]:
 # ----------------------------------------------------------------------------------------------- loader
 
 
+def _left_out_test_patients(datamodule: Any) -> list[str]:
+    """Hashed keys of the test patients the DataModule left out because their registration failed."""
+    split = getattr(datamodule, "split", None)
+    test = set(getattr(split, "test", None) or [])
+    return sorted(set(getattr(datamodule, "left_out", set())) & test)
+
+
 def _test_loader(datamodule: Any, max_slices: int | None, batch_size: int | None) -> DataLoader:
     """The DataModule's test loader, or a subset of at most ``max_slices`` evenly spaced slices per patient."""
     loader = datamodule.test_dataloader()
@@ -689,6 +696,8 @@ def evaluate(
             for k, v in getattr(datamodule, "registration_info", {}).items()
             if k in slice_index_of
         },
+        # test studies whose registration failed: not scored, but named (hashed) and counted in the report
+        "registration_left_out": _left_out_test_patients(datamodule),
         "ndct_shape_mismatch_slices": shape_mismatch,
         "hu_range": [hu_min, hu_max],
         "windows": {k: list(v) for k, v in WINDOWS.items()},

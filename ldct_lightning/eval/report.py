@@ -604,6 +604,14 @@ def write_report(
     warning = patient_count_warning(n)
     if warning:
         lines += [warning, ""]
+    left_out = info.get("registration_left_out") or []
+    if left_out:
+        lines += [
+            f"**{len(left_out)} test stud{'y was' if len(left_out) == 1 else 'ies were'} left out**: the NDCT "
+            f"did not register onto the LDCT (patients {', '.join(left_out)}; hashed keys). No row scores "
+            "them; see the warnings of the run, or `ldct-data-summary`, for why.",
+            "",
+        ]
     lines += ["## Protocols", "", statements[PAPER], "", statements[REFERENCE], ""]
     lines += [
         "Cells are mean ± SD over patients of per-patient means; `*` marks p < "

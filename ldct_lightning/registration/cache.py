@@ -21,7 +21,7 @@ from ldct_lightning.data.cache import building_folder, hu_to_int16
 from ldct_lightning.registration.geometry import Correspondence, VolumeGeometry
 from ldct_lightning.registration.register import RegistrationConfig, RegistrationResult, register_study
 
-REGISTRATION_FORMAT_VERSION = 1
+REGISTRATION_FORMAT_VERSION = 2
 
 
 @dataclass

@@ -67,17 +67,35 @@ def registered_mask(
     threshold: float,
     flat_sd_hu: float,
     flat_tolerance_hu: float,
+    outside: np.ndarray | None = None,
+    residual_tolerance_hu: float | None = None,
+    residual_radius_px: int = 0,
 ) -> np.ndarray:
-    """Pixels whose neighbourhood matches: local NCC >= ``threshold``, or, where both images are locally
-    flat (local SD < ``flat_sd_hu``, e.g. inside an organ, where NCC is undefined), local means within
-    ``flat_tolerance_hu``.
+    """Pixels whose neighbourhood matches.
+
+    Inside ``body``: local NCC >= ``threshold``, or, where both images are locally flat (local SD <
+    ``flat_sd_hu``, e.g. inside an organ, where NCC is undefined), local means within ``flat_tolerance_hu``.
+    Pixels in ``outside`` (air around the body in both images) need no structure. With
+    ``residual_tolerance_hu``, every pixel must also have its smoothed images agree within that many HU
+    everywhere in its ``residual_radius_px`` neighbourhood: a structure seen in both images but a few mm
+    apart (or mixed across slices by the z interpolation) still correlates, yet is a wrong target.
 
     Returns:
-        (n, h, w) bool, False outside ``body``.
+        (n, h, w) bool, False outside ``body | outside``.
     """
     a, b = _smooth(ldct, sigma_px), _smooth(ndct, sigma_px)
     ncc, sd_a, sd_b = local_ncc(a, b, radius_px)
     size = (1, 2 * radius_px + 1, 2 * radius_px + 1)
     mean_diff = np.abs(ndimage.uniform_filter(a - b, size))
     flat = (sd_a < flat_sd_hu) & (sd_b < flat_sd_hu) & (mean_diff < flat_tolerance_hu)
-    return body & ((ncc >= threshold) | flat)
+    good = body & ((ncc >= threshold) | flat)
+    if outside is not None:
+        good |= outside & ~body
+    if residual_tolerance_hu is not None:
+        worst = np.abs(a - b)
+        if residual_radius_px > 0:
+            worst = ndimage.maximum_filter(
+                worst, size=(1, 2 * residual_radius_px + 1, 2 * residual_radius_px + 1)
+            )
+        good &= worst < residual_tolerance_hu
+    return good

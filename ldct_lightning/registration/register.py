@@ -56,6 +56,12 @@ class RegistrationConfig:
         local_ncc_threshold: local NCC above which a pixel is well registered.
         flat_sd_hu: local SD below which a region counts as flat (NCC undefined there).
         flat_tolerance_hu: flat regions are well registered when their local means agree within this.
+        residual_tolerance_hu: a well-registered pixel also needs the smoothed images to agree within this
+            everywhere within ``residual_radius_mm`` (None: no such check). Correlated structure a few mm
+            apart, or mixed across slices by the z interpolation, is otherwise a wrong target.
+        residual_radius_mm: the neighbourhood of that check.
+        mask_air: the air around the body in both images counts as well registered (supervised), so that
+            a network trained on the mask learns to keep air as air.
         min_slice_ncc: slices with a lower NCC inside the body are not used.
         min_ncc: a study whose median slice NCC is lower did not register.
         min_usable_fraction: a study with fewer usable LDCT slices did not register.
@@ -79,6 +85,9 @@ class RegistrationConfig:
     local_ncc_threshold: float = 0.5
     flat_sd_hu: float = 40.0
     flat_tolerance_hu: float = 40.0
+    residual_tolerance_hu: float | None = 40.0
+    residual_radius_mm: float = 3.0
+    mask_air: bool = True
     min_slice_ncc: float = 0.5
     min_ncc: float = 0.6
     min_usable_fraction: float = 0.25
@@ -97,6 +106,8 @@ class RegistrationConfig:
             "deformable": self.deformable in DEFORMABLE,
             "bspline_mesh_mm": self.bspline_mesh_mm > 0,
             "local_radius_mm": self.local_radius_mm > 0,
+            "residual_tolerance_hu": self.residual_tolerance_hu is None or self.residual_tolerance_hu > 0,
+            "residual_radius_mm": self.residual_radius_mm >= 0,
             "min_usable_fraction": 0 <= self.min_usable_fraction <= 1,
         }
         for key, ok in problems.items():
@@ -418,8 +429,21 @@ def register_study(
     sigma = max(1.0, cfg.smooth_mm / ldct_geom.pixel_mm[0])
     ncc = slice_ncc(ld, warped, body, sigma)
     radius = max(1, round(cfg.local_radius_mm / ldct_geom.pixel_mm[0]))
+    # the loss mask covers the whole body (edges too) and, with mask_air, the air around it in both images
+    body_ld = _inner_body(ld, cfg.body_hu, 0.0)
+    outside = (~body_ld & ~_inner_body(warped, cfg.body_hu, 0.0) & inside) if cfg.mask_air else None
     good = registered_mask(
-        ld, warped, body, sigma, radius, cfg.local_ncc_threshold, cfg.flat_sd_hu, cfg.flat_tolerance_hu
+        ld,
+        warped,
+        body_ld & inside,
+        sigma,
+        radius,
+        cfg.local_ncc_threshold,
+        cfg.flat_sd_hu,
+        cfg.flat_tolerance_hu,
+        outside,
+        cfg.residual_tolerance_hu,
+        round(cfg.residual_radius_mm / ldct_geom.pixel_mm[0]),
     )
     usable = np.nan_to_num(ncc, nan=-1.0) >= cfg.min_slice_ncc
     centre = ldct_geom.to_physical(
@@ -438,7 +462,7 @@ def register_study(
         "ncc_median": float(np.nanmedian(ncc)) if np.isfinite(ncc).any() else float("nan"),
         "residual_hu": residual,
         "usable_fraction": float(usable.mean()),
-        "well_registered_fraction": float(good.sum() / max(1, body.sum())),
+        "well_registered_fraction": float((good & body_ld).sum() / max(1, (body_ld & inside).sum())),
         "seconds": round(time.perf_counter() - start, 2),
     }
     if not info["ncc_median"] >= cfg.min_ncc or info["usable_fraction"] < cfg.min_usable_fraction:
