@@ -285,6 +285,17 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def evaluated_name(args: argparse.Namespace) -> str:
+    """The proposed method's name as ``ldct-evaluate --sweep`` names it: its first seed's row with several seeds."""
+    names = list(evaluate_cli.sweep_methods(args.sweep))
+    if args.proposed in names:
+        return args.proposed
+    seeded = sorted(
+        (seed, name) for name in names for method, seed in [split_seed(name)] if method == args.proposed
+    )
+    return seeded[0][1] if seeded else args.proposed
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
@@ -332,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     evaluation = args.evaluation or args.sweep / "evaluation"
     if not args.no_evaluate:
-        eval_args = ["--data", str(args.data), "--sweep", str(args.sweep), "--proposed", args.proposed]
+        eval_args = ["--data", str(args.data), "--sweep", str(args.sweep), "--proposed", evaluated_name(args)]
         eval_args += ["--out", str(evaluation), "--overwrite", "--protocols", "reference", "--no-volumes"]
         eval_args += ["--device", args.device]
         if args.max_slices is not None:

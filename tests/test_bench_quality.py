@@ -215,3 +215,17 @@ def test_sweep_rows_add_first_step_from_a_two_stage_proposed_job(tmp_path: Path)
     _job(tmp_path / "b", "0_proposed_s42", "proposed", ["first", "second"])
     _job(tmp_path / "b", "2_firstStep_s42", "firstStep", ["first"])
     assert str(sweep_methods(tmp_path / "b")["firstStep"]) == f"{tmp_path}/b/2_firstStep_s42/first/best.ckpt"
+
+
+def test_the_proposed_row_of_a_seeded_sweep_is_its_first_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+    names = {
+        "proposed_s2": Path("a"),
+        "firstStep_s2": Path("b"),
+        "proposed_s1": Path("c"),
+        "redcnn_s1": Path("d"),
+    }
+    monkeypatch.setattr(bench_quality.evaluate_cli, "sweep_methods", lambda sweep: names)
+    args = bench_quality.build_parser().parse_args(["--data", "d", "--sweep", "s"])
+    assert bench_quality.evaluated_name(args) == "proposed_s1"
+    args.proposed = "redcnn_s1"
+    assert bench_quality.evaluated_name(args) == "redcnn_s1"  # a name the sweep has is kept
