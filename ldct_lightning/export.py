@@ -9,6 +9,7 @@ TorchScript extra file ``ldct_meta.json``).
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from pathlib import Path
@@ -42,20 +43,25 @@ class PaddedGenerator(nn.Module):
         generator: the network (B, 1, H, W) -> (B, 1, H, W).
         multiple: pad height and width to a multiple of this (``2**depth`` of a U-Net).
         pad_mode: ``reflect``, ``replicate`` or ``zeros``.
+        margin: extra padding on every side first (the generator's ``eval_margin``, taken out of it).
     """
 
-    def __init__(self, generator: nn.Module, multiple: int, pad_mode: str = "reflect") -> None:
+    def __init__(
+        self, generator: nn.Module, multiple: int, pad_mode: str = "reflect", margin: int = 0
+    ) -> None:
         super().__init__()
         self.generator = generator
         self.multiple = multiple
         self.mode = "constant" if pad_mode == "zeros" else pad_mode
+        self.margin = margin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2], x.shape[-1]
-        ph = (self.multiple - h % self.multiple) % self.multiple
-        pw = (self.multiple - w % self.multiple) % self.multiple
-        top, left = ph // 2, pw // 2
-        xp = F.pad(x, (left, pw - left, top, ph - top), mode=self.mode)
+        m = self.margin
+        ph = (self.multiple - (h + 2 * m) % self.multiple) % self.multiple
+        pw = (self.multiple - (w + 2 * m) % self.multiple) % self.multiple
+        top, left = m + ph // 2, m + pw // 2
+        xp = F.pad(x, (left, m + pw - pw // 2, top, m + ph - ph // 2), mode=self.mode)
         return self.generator(xp)[..., top : top + h, left : left + w]
 
 
@@ -64,7 +70,12 @@ def exportable(generator: nn.Module) -> nn.Module:
     depth = getattr(generator, "depth", None)
     if not isinstance(depth, int):
         return generator.eval()  # not a U-Net with a known depth: any size works as is
-    return PaddedGenerator(generator, 2**depth, getattr(generator, "pad_mode", "reflect")).eval()
+    # the generator's eval-mode border margin goes into the traceable wrapper too (on a copy without it)
+    margin = int(getattr(generator, "eval_margin", 0))
+    if margin:
+        generator = copy.deepcopy(generator)
+        generator.eval_margin = 0
+    return PaddedGenerator(generator, 2**depth, getattr(generator, "pad_mode", "reflect"), margin).eval()
 
 
 def export_metadata(checkpoint: Path, fmt: str, generator_source: str) -> dict[str, str]:
