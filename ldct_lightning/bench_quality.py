@@ -136,7 +136,7 @@ def over_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[str, list[tuple[int | None, dict[str, Any]]]] = {}
     for row in rows:
         method, seed = split_seed(row["method"])
-        groups.setdefault(method if seed is not None else row["method"], []).append((seed, row))
+        groups.setdefault(method, []).append((seed, row))  # method is the whole name when it has no seed
     merged = []
     for method, members in groups.items():
         if members[0][0] is None:
