@@ -75,6 +75,17 @@ def test_known_rigid_transform_is_recovered(pair: dict) -> None:
     assert result.mask.mean() > 0.2  # most of the body (about half of each slice) is well registered
 
 
+def test_same_seed_gives_the_same_transform(pair: dict) -> None:
+    # SimpleITK takes sampling seed 0 as "from the wall clock": with it, runs differed and the recovery test
+    # above failed now and then (1.25 mm in z)
+    args = (pair["ldct"], pair["g_ld"], pair["ndct"], pair["g_nd"])
+    first = register_study(*args, RegistrationConfig(affine=False, seed=0), "p").correspondence
+    again = register_study(*args, RegistrationConfig(affine=False, seed=0), "p").correspondence
+    # equal up to the order in which ITK's threads sum the metric (1e-11 here); other samples move it ~0.1 mm
+    np.testing.assert_allclose(first.matrix, again.matrix, atol=1e-6)
+    np.testing.assert_allclose(first.offset, again.offset, atol=1e-4)
+
+
 def test_any_table_offset_between_frames_is_found(pair: dict) -> None:
     # between two scanners' frames of reference the table positions can differ by metres: the z search must
     # not be bounded by an absolute offset (it was 300 mm, which left such studies out as "no overlap")

@@ -65,7 +65,8 @@ class RegistrationConfig:
         min_slice_ncc: slices with a lower NCC inside the body are not used.
         min_ncc: a study whose median slice NCC is lower did not register.
         min_usable_fraction: a study with fewer usable LDCT slices did not register.
-        seed: seed of the metric's voxel sampling.
+        min_samples: the metric samples at least this many points per level (all when the body has fewer).
+        seed: seed of the metric's voxel sampling (runs with one seed give the same result).
     """
 
     resample_mm: float = 2.0
@@ -76,6 +77,7 @@ class RegistrationConfig:
     iterations: int = 100
     metric: str = "mattes"
     sampling: float = 0.25
+    min_samples: int = 20000
     affine: bool = True
     deformable: str = "none"
     bspline_mesh_mm: float = 80.0
@@ -103,6 +105,7 @@ class RegistrationConfig:
             "iterations": self.iterations >= 1,
             "metric": self.metric in METRICS,
             "sampling": 0 < self.sampling <= 1,
+            "min_samples": self.min_samples >= 0,
             "deformable": self.deformable in DEFORMABLE,
             "bspline_mesh_mm": self.bspline_mesh_mm > 0,
             "local_radius_mm": self.local_radius_mm > 0,
@@ -276,8 +279,15 @@ def _method(cfg: RegistrationConfig, fixed_mask: sitk.Image, iterations: int) ->
         reg.SetMetricAsMattesMutualInformation(32)
     else:
         reg.SetMetricAsCorrelation()
+    # at least cfg.min_samples points: a coarse level of a small volume (a few thousand body voxels) with
+    # a 25 % sample gives Mattes MI a few hundred points, and then some seeds diverge
+    n_mask = int(sitk.GetArrayViewFromImage(fixed_mask).sum())
+    fraction = min(1.0, max(cfg.sampling, cfg.min_samples / max(1, n_mask)))
+    # RANDOM (off-grid points): all voxel centres (NONE) bias MI towards grid-aligned positions (a linear-
+    # interpolation artefact: 1.1 mm in z on the test pair). SimpleITK reads seed 0 as "seed from the wall
+    # clock" (runs then differ), so the seed passed is cfg.seed + 1
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(cfg.sampling, cfg.seed)
+    reg.SetMetricSamplingPercentage(fraction, cfg.seed + 1)
     reg.SetMetricFixedMask(fixed_mask)
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(
@@ -289,6 +299,19 @@ def _method(cfg: RegistrationConfig, fixed_mask: sitk.Image, iterations: int) ->
     )
     reg.SetOptimizerScalesFromPhysicalShift()
     return reg
+
+
+def _metric_at(
+    cfg: RegistrationConfig,
+    mask: sitk.Image,
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    transform: sitk.Transform,
+) -> float:
+    """The registration metric (lower is better) of ``transform``, on the samples of ``cfg.seed``."""
+    reg = _method(cfg, mask, 1)
+    reg.SetInitialTransform(transform, inPlace=False)
+    return float(reg.MetricEvaluate(fixed, moving))
 
 
 def _run(
@@ -398,7 +421,11 @@ def register_study(
         reg.SetInitialTransform(affine, inPlace=True)
         _run(reg, fixed, moving, "affine", patient)
         det = float(np.linalg.det(np.asarray(affine.GetMatrix()).reshape(3, 3)))
-        if 0.8 < det < 1.25:  # an affine stage that shrinks or blows up the volume is not trusted
+        # the optimizer does not guarantee a better fit than its start: on the bench set about one affine
+        # stage in three ended worse than the rigid one (slice NCC 0.93 -> 0.6) and the study was left
+        # out. It is kept only where it fits better (the same metric, the same samples) and keeps the volume
+        better = _metric_at(cfg, mask, fixed, moving, affine) < _metric_at(cfg, mask, fixed, moving, rigid)
+        if 0.8 < det < 1.25 and better:
             final = linear = affine
             stages.append("affine")
     if cfg.deformable == "bspline":
