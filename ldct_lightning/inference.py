@@ -383,6 +383,9 @@ class Denoiser:
             for chunk in volume.split(self.batch_size):
                 x = hu_to_unit(chunk, self.hu_min, self.hu_max)
                 y = self._forward_tiled(x) if self.tile is not None else self._forward(x)
+                # the network domain is [0, 1] (HU_MIN..HU_MAX), as the targets and the validation metrics
+                # are: a residual network's output below 0 in air (-1500 HU and lower) is no CT value
+                y = y.clamp(0.0, 1.0)
                 outs.append(unit_to_hu(y, self.hu_min, self.hu_max).to(hu.device))
             result = torch.cat(outs).reshape(hu.shape)
         if is_numpy:

@@ -97,9 +97,25 @@ def test_batched_equals_one_by_one_and_matches_the_generator():
     np.testing.assert_allclose(batched, single, atol=1e-2)
     with torch.no_grad():  # hand computation of the normalisation around the network
         x = torch.from_numpy((np.clip(hu, -1024, 3071) + 1024) / 4095)[:, None]
-        expected = generator(x)[:, 0].numpy() * 4095 - 1024
+        expected = np.clip(generator(x)[:, 0].numpy(), 0, 1) * 4095 - 1024
     np.testing.assert_allclose(batched, expected, atol=1e-2)
     assert np.abs(batched - hu).mean() > 1  # a random network really changes the image
+
+
+class _Overshoot(torch.nn.Module):
+    """A network whose output leaves the [0, 1] domain on both sides: 3 x - 1."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 3 * x - 1
+
+
+def test_output_is_clamped_to_the_hu_range_of_the_network_domain():
+    # a residual network can put air below -1024 HU; the output is clipped like the targets and the validation
+    hu = np.array([[-1024.0, -800.0, 0.0, 1000.0, 2500.0, 3071.0]], dtype=np.float32)
+    out = Denoiser(_Overshoot()).denoise(hu)
+    by_hand = np.clip(3 * (hu + 1024) / 4095 - 1, 0, 1) * 4095 - 1024
+    np.testing.assert_allclose(out, by_hand, atol=1e-2)
+    assert out.min() == pytest.approx(-1024, abs=1e-2) and out.max() == pytest.approx(3071, abs=1e-2)
 
 
 def test_tiling_matches_whole_slices():
