@@ -15,7 +15,6 @@ import argparse
 import csv
 import json
 import os
-import re
 import statistics
 import sys
 from datetime import datetime, timezone
@@ -26,6 +25,7 @@ import yaml
 
 from ldct_lightning.bench import machine
 from ldct_lightning.cli import evaluate as evaluate_cli
+from ldct_lightning.eval.run_names import split_seed
 
 PROG = "python -m ldct_lightning.bench_quality"
 # (summary.csv metric, JSON key, Markdown header, digits)
@@ -37,8 +37,6 @@ METRICS = (
     ("slice", "max_abs_err_hu", "max_abs_err_hu", "max abs error (HU)", 0),
 )
 INPUT_ROW = "LDCT"
-# a job of a multirun over several seeds is named <method>_s<seed> by ldct-evaluate --sweep
-SEED_SUFFIX = re.compile(r"^(?P<method>.+)_s(?P<seed>-?\d+)$")
 # issue targets checked on every run (reference protocol, whole slice, abdomen window)
 GAIN_OVER_FIRST_DB = 0.5
 GAIN_OVER_INPUT_DB = 3.0
@@ -113,12 +111,6 @@ def quality_rows(summary_csv: Path, methods: list[str]) -> list[dict[str, Any]]:
             raise ValueError(f"{summary_csv}: no reference-protocol whole-slice metrics for {method!r}")
         rows.append(row)
     return rows
-
-
-def split_seed(name: str) -> tuple[str, int | None]:
-    """``proposed_s3`` -> (``proposed``, 3); a name without a seed suffix -> (name, None)."""
-    match = SEED_SUFFIX.match(name)
-    return (match["method"], int(match["seed"])) if match else (name, None)
 
 
 def over_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -229,3 +229,13 @@ def test_the_proposed_row_of_a_seeded_sweep_is_its_first_seed(monkeypatch: pytes
     assert bench_quality.evaluated_name(args) == "proposed_s1"
     args.proposed = "redcnn_s1"
     assert bench_quality.evaluated_name(args) == "redcnn_s1"  # a name the sweep has is kept
+
+
+def test_seeded_names_split_back() -> None:
+    from ldct_lightning.eval.run_names import seeded_name, split_seed
+
+    assert seeded_name("proposed_eq9", 2) == "proposed_eq9_s2"
+    assert split_seed("proposed_eq9_s2") == ("proposed_eq9", 2)
+    assert split_seed("firstStep") == ("firstStep", None)
+    assert split_seed("oracle_s") == ("oracle_s", None)  # no digits: not a seed
+    assert split_seed(seeded_name("x_s1", -3)) == ("x_s1", -3)

@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from ldct_lightning.data.split_defaults import data_config_kind, data_split_defaults, split_params
+from ldct_lightning.eval.run_names import seeded_name
 
 PROG = "ldct-evaluate"
 
@@ -173,7 +174,7 @@ def sweep_methods(sweep: Path) -> dict[str, Path]:
     jobs_run = {(name, seed) for name, seed, _, derived in rows if not derived}
     rows = [row for row in rows if not (row[3] and row[:2] in jobs_run)]
     several_seeds = len({row[1] for row in rows}) > 1
-    return {f"{name}_s{seed}" if several_seeds else name: ckpt for name, seed, ckpt, _ in rows}
+    return {seeded_name(name, seed) if several_seeds else name: ckpt for name, seed, ckpt, _ in rows}
 
 
 def _split_params(args: argparse.Namespace) -> dict[str, object]:
