@@ -64,14 +64,16 @@ def _user_key_file(root: Path) -> Path:
     return base / "ldct-lightning" / "pseudonym-keys" / f"{name}.key"
 
 
-def _create(path: Path) -> None:
-    """Write a new secret to ``path`` unless another process was first (owner-only permissions)."""
+def _create(path: Path, secret: bytes | None = None) -> None:
+    """Write ``secret`` (default: a new random one) to ``path`` unless another process was first (owner-only)."""
+    if secret is not None and len(secret) != _SECRET_BYTES:
+        raise ValueError(f"a pseudonym secret file holds {_SECRET_BYTES} bytes, got {len(secret)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(_SECRET_BYTES) + "\n")
+            f.write((secret.hex() if secret is not None else secrets.token_hex(_SECRET_BYTES)) + "\n")
         os.chmod(tmp, 0o600)  # whatever the umask
         try:
             os.link(tmp, path)  # atomic: fails when the file exists (another process made it)
@@ -139,6 +141,22 @@ def pseudonymizer(root: str | Path) -> Pseudonymizer:
         _create(path)
         log.info("pseudonym key of %s created: %s (keep it with the data)", root, path)
     return Pseudonymizer(_read(path))
+
+
+def set_synthetic_key(root: str | Path, seed: int) -> None:
+    """Give a synthetic data root a secret derived from its simulation seed (kept if it has one already).
+
+    Synthetic patients have no real identity to protect, and a fixed secret makes their keys, and with them
+    the patient split (ordered by key), the same each time the set is regenerated with that seed: benchmark
+    numbers from two machines or two days are then on the same test patients. Never use it for real data.
+
+    Args:
+        root: the synthetic data root.
+        seed: the simulation seed.
+    """
+    path = Path(root) / KEY_FILE_NAME
+    if not path.is_file():
+        _create(path, hashlib.sha256(f"ldct-lightning synthetic data, seed {seed}".encode()).digest())
 
 
 def hash_identifier(value: str, root: str | Path, length: int = 12) -> str:

@@ -47,7 +47,7 @@ from ldct_lightning.data.phantom import (
     render_slices,
 )
 from ldct_lightning.data.projector import add_poisson_noise, fbp, forward_project, hu_to_mu, mu_to_hu
-from ldct_lightning.privacy import hash_identifier
+from ldct_lightning.privacy import hash_identifier, set_synthetic_key
 
 LABELS: dict[int, str] = dict(LABEL_NAMES)
 
@@ -472,6 +472,7 @@ def _generate(out: Path, cfg: SyntheticConfig, progress: bool, threads: int) -> 
     start = time.perf_counter()
     (out / "dicom").mkdir(parents=True)
     (out / "truth").mkdir()
+    set_synthetic_key(out, cfg.seed)
     names_rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 2**31]))
     folders = [f"{names_rng.bytes(1).hex()}/{names_rng.bytes(1).hex()}" for _ in range(6)]
     manifest, patients = [], []
