@@ -58,6 +58,25 @@ def test_zero_initialised_output_conv_gives_the_identity(size: tuple[int, int]) 
     assert torch.equal(net(x), x)
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_preconditioning_rescales_the_body_input_and_its_residual(train: bool) -> None:
+    """With (c, k, s) the output is x + s * r, r the plain network's residual on (x - c) / k (same weights)."""
+    c, k, s = 0.25, 0.1, 0.01
+    plain = AttentionResUNet(base_channels=8, depth=2, norm="none", eval_margin=4)
+    pre = AttentionResUNet(
+        base_channels=8, depth=2, norm="none", eval_margin=4, input_center=c, input_scale=k, residual_scale=s
+    )
+    pre.load_state_dict(plain.state_dict())
+    plain.train(train)
+    pre.train(train)
+    x = 0.25 + 0.02 * torch.randn(2, 1, 20, 20, generator=torch.Generator().manual_seed(0))
+    z = (x - c) / k
+    expected = x + s * (plain(z) - z)
+    torch.testing.assert_close(pre(x), expected, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="input_scale=0"):
+        AttentionResUNet(input_scale=0)
+
+
 def test_eval_mode_pads_whole_images_by_the_margin_and_training_does_not() -> None:
     """Eval mode = the margin-free network on the image reflect-padded by numpy by eval_margin, then cropped."""
     torch.manual_seed(0)
@@ -268,6 +287,18 @@ def test_critic_fc_size_follows_the_patch_size(patch: int, fc_in: int) -> None:
     assert critic.fc_in_features == fc_in
     assert critic.head[1].in_features == fc_in and critic.head[1].out_features == 1024
     assert out.shape == (3, 1)
+
+
+def test_critic_input_standardisation_equals_rescaling_the_crops() -> None:
+    """A critic with (c, k) scores x as the plain critic (same weights) scores (x - c) / k."""
+    torch.manual_seed(0)
+    plain = WGANCritic(patch_size=16, channels=(4, 4, 8, 8, 8, 8), hidden=8)
+    std = WGANCritic(patch_size=16, channels=(4, 4, 8, 8, 8, 8), hidden=8, input_center=0.25, input_scale=0.1)
+    std.load_state_dict(plain.state_dict())
+    x = torch.rand(3, 1, 16, 16)
+    torch.testing.assert_close(std(x), plain((x - 0.25) / 0.1))
+    with pytest.raises(ValueError, match="input_scale=-1"):
+        WGANCritic(patch_size=16, input_scale=-1)
 
 
 def test_critic_layout_and_output() -> None:

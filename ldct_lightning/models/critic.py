@@ -40,6 +40,9 @@ class WGANCritic(nn.Module):
         hidden: width of the first fully connected layer.
         negative_slope: slope of the LeakyReLUs.
         padding: padding of the 3x3 convolutions (1: stride-1 layers keep the size; Yang et al. do not say).
+        input_center: value subtracted from the crops before the first convolution.
+        input_scale: the convolutions see ``(x - input_center) / input_scale`` (defaults 0, 1: the crops as
+            they are). The gradient penalty stays a penalty on the gradient with respect to ``x``.
     """
 
     def __init__(
@@ -51,8 +54,14 @@ class WGANCritic(nn.Module):
         hidden: int = 1024,
         negative_slope: float = 0.2,
         padding: int = 1,
+        input_center: float = 0.0,
+        input_scale: float = 1.0,
     ) -> None:
         super().__init__()
+        if input_scale <= 0:
+            raise ValueError(f"input_scale={input_scale}: must be > 0")
+        self.input_center = float(input_center)
+        self.input_scale = float(input_scale)
         if len(channels) != len(strides):
             raise ValueError(f"channels {tuple(channels)} and strides {tuple(strides)} differ in length")
         size = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(int(s) for s in patch_size)
@@ -97,4 +106,4 @@ class WGANCritic(nn.Module):
                 f"(B, {self.in_channels}, {h}, {w}) (patch_size={h}x{w}, FC input {self.fc_in_features}). "
                 "Feed crops of that size or set the critic's patch_size (model.critic.patch_size) to the crop size"
             )
-        return self.head(self.features(x))
+        return self.head(self.features((x - self.input_center) / self.input_scale))
