@@ -157,3 +157,31 @@ def test_anchor_is_the_frozen_initial_generator_and_never_saved(tmp_path: Path) 
     assert not [k for k in saved if k.startswith("anchor.")]
     # a random initialisation has no anchor: the anchor terms are off
     assert make_stage2(fidelity=fidelity).anchor is None
+
+
+class FirstBatch(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            self.batch = {k: v.clone() for k, v in batch.items()}
+
+
+def test_critic_real_stage1_ndct_shows_the_critic_the_stage1_output_on_the_ndct(tmp_path: Path) -> None:
+    torch.manual_seed(2)
+    first = tmp_path / "first.ckpt"
+    generator = tiny_generator()
+    torch.save({"state_dict": {f"generator.{k}": v for k, v in generator.state_dict().items()}}, first)
+    module = make_stage2(n_critic=1, generator_init=str(first), critic_real="stage1_ndct")
+    seen: list[torch.Tensor] = []
+    module.critic.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+    recorder = FirstBatch()
+    fit(module, n_batches=1, callbacks=[recorder])
+    generator.eval()
+    with torch.no_grad():
+        expected_real = generator(recorder.batch["ndct"])
+    # the first critic call scores the real crops: the frozen stage-1 network's output on the NDCT crops
+    torch.testing.assert_close(seen[0], expected_real)
+    assert not torch.allclose(seen[0], recorder.batch["ndct"])
+    # eq. 9 scores the NDCT itself; a random start has no stage-1 network and falls back to it
+    assert make_stage2(critic_real="stage1_ndct").critic_real == "ndct"
+    with pytest.raises(ValueError, match="critic_real='clean'"):
+        make_stage2(critic_real="clean")

@@ -18,6 +18,9 @@ Beyond eq. 9 (each off by the module's defaults; the configs' default turns them
   ("anchor") and a low-frequency consistency with the LDCT input;
 - an EMA of the generator's weights: validated, and written as the checkpoint's ``generator.*`` weights (the
   ones evaluation and denoising load); the trained weights are kept as ``online_generator.*`` for resuming.
+- ``critic_real="stage1_ndct"``: the critic's real samples are the frozen stage-1 network's output on the NDCT
+  crops instead of the NDCT crops (eq. 9), so that the adversarial term asks for the output on LDCT to look like
+  the network's output on NDCT, not for NDCT noise.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from ldct_lightning.modules.ema import ema_update, frozen_copy
 from ldct_lightning.modules.handoff import load_generator_weights
 
 EMA_PREFIX = "ema_generator."
+CRITIC_REAL = ("ndct", "stage1_ndct")
 ONLINE_PREFIX = "online_generator."
 
 
@@ -89,6 +93,11 @@ class Stage2Module(DenoisingModule):
             Its anchor terms need a stage-1 generator (``generator_init`` a checkpoint): with a random
             initialisation they are skipped (a random network is no anchor).
         ema_decay: decay of the EMA of the generator's weights (None: no EMA, the trained weights are used).
+        critic_real: what the critic sees as real: ``ndct`` (eq. 9: the NDCT crops) or ``stage1_ndct`` (the
+            frozen stage-1 generator's output on the NDCT crops: the NDCT with its own, milder noise
+            removed as stage 1 removes it). With ``ndct`` a critic that is satisfied asks for NDCT noise in
+            the output; with ``stage1_ndct`` it asks that the output on LDCT look like the stage-1 network's
+            output on NDCT. Needs ``generator_init`` a checkpoint (with a random start it falls back to ``ndct``).
         hu_min: HU mapped to 0 by the data normalisation.
         hu_max: HU mapped to 1 by the data normalisation.
     """
@@ -112,6 +121,7 @@ class Stage2Module(DenoisingModule):
         critic_warmup_steps: int = 0,
         fidelity: Stage2Fidelity | None = None,
         ema_decay: float | None = None,
+        critic_real: str = "ndct",
         hu_min: float = HU_MIN,
         hu_max: float = HU_MAX,
     ) -> None:
@@ -125,6 +135,8 @@ class Stage2Module(DenoisingModule):
             )
         if critic_warmup_steps < 0:
             raise ValueError(f"critic_warmup_steps={critic_warmup_steps}: must be >= 0")
+        if critic_real not in CRITIC_REAL:
+            raise ValueError(f"critic_real={critic_real!r}: use one of {', '.join(CRITIC_REAL)}")
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay={ema_decay}: must lie in [0, 1), or null for no EMA")
         self.save_hyperparameters(
@@ -162,7 +174,9 @@ class Stage2Module(DenoisingModule):
         self.fidelity = fidelity
         # the frozen stage-1 generator; rebuilt from generator_init when resuming, never saved
         self.anchor: nn.Module | None = None
-        if fidelity is not None and fidelity.uses_anchor and from_checkpoint:
+        self.critic_real = critic_real if from_checkpoint else "ndct"
+        uses_anchor = (fidelity is not None and fidelity.uses_anchor) or self.critic_real == "stage1_ndct"
+        if uses_anchor and from_checkpoint:
             self.anchor = frozen_copy(self.generator)
             self.strict_loading = False
         self.ema_decay = ema_decay
@@ -235,12 +249,13 @@ class Stage2Module(DenoisingModule):
         # batch-norm statistics update per batch, at the cost of keeping its activations through the critic updates.
         # During the warm-up the generator is frozen: eval mode, no graph, no statistics update.
         fake = self._frozen_forward(self.generator, ldct) if warmup else self.generator(ldct)
+        real = self._frozen_forward(self.anchor, ndct) if self.critic_real == "stage1_ndct" else ndct
 
         with self.toggled_optimizer(opt_c):
             for _ in range(self.n_critic):
-                score_real = self.critic(ndct).mean()
+                score_real = self.critic(real).mean()
                 score_fake = self.critic(fake.detach()).mean()
-                gp = gradient_penalty(self.critic, ndct, fake.detach())
+                gp = gradient_penalty(self.critic, real, fake.detach())
                 loss_c = score_fake - score_real + self.lambda_gp * gp
                 opt_c.zero_grad()
                 self.manual_backward(loss_c)
@@ -271,7 +286,11 @@ class Stage2Module(DenoisingModule):
                 loss_g = loss_g + self.registered_weight * registered
                 self.log("train/registered_l1", registered, batch_size=batch_size)
             if self.fidelity is not None:
-                anchor = self._frozen_forward(self.anchor, ldct) if self.anchor is not None else None
+                anchor = (
+                    self._frozen_forward(self.anchor, ldct)
+                    if self.anchor is not None and self.fidelity.uses_anchor
+                    else None
+                )
                 fidelity, terms = self.fidelity(fake, ldct, anchor)
                 loss_g = loss_g + fidelity
                 self.log_dict({f"train/{k}": v for k, v in terms.items()}, batch_size=batch_size)
