@@ -37,12 +37,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from ldct_lightning.errors import LDCTError
+
 log = logging.getLogger(__name__)
 
 NONFINITE_MODES = ("stop", "skip")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(LDCTError, RuntimeError):
     """Training met a NaN/Inf loss or gradient; the message names the stage, epoch and step."""
 
 

@@ -21,13 +21,14 @@ from torch import nn
 
 from ldct_lightning import __version__
 from ldct_lightning.data.normalize import HU_MAX, HU_MIN
+from ldct_lightning.errors import LDCTError
 
 FORMATS = ("torchscript", "onnx")
 MIN_OPSET = 17
 META_FILE = "ldct_meta.json"
 
 
-class ExportError(ValueError):
+class ExportError(LDCTError):
     """An export that cannot be done; ``str(e)`` says why and what to do."""
 
 

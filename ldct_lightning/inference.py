@@ -27,6 +27,7 @@ from torch import nn
 
 from ldct_lightning.data.dicom import SeriesInfo, iter_series_hu, scan_dicom_folder
 from ldct_lightning.data.normalize import HU_MAX, HU_MIN, hu_to_unit, unit_to_hu
+from ldct_lightning.errors import LDCTError
 from ldct_lightning.inference_backends import (
     BACKENDS,
     BackendError,
@@ -49,7 +50,7 @@ _ALLOWED_TARGET_PREFIX = "ldct_lightning."
 _HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class InferenceError(ValueError):
+class InferenceError(LDCTError):
     """A setting or input that inference cannot use; ``str(e)`` names it, the problem and what to do."""
 
 

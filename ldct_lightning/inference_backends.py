@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from ldct_lightning.errors import LDCTError
 from ldct_lightning.models.blocks import ResidualBlock
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ ONNX_CHECK_ATOL = 1e-3
 Network = Callable[[torch.Tensor], torch.Tensor]
 
 
-class BackendError(ValueError):
+class BackendError(LDCTError):
     """A backend that cannot run; ``str(e)`` names it and what to do."""
 
 

@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from ldct_lightning.data.pairing import write_yaml_atomic
+from ldct_lightning.errors import LDCTError
 from ldct_lightning.modules.handoff import CheckpointError, find_latest_checkpoint
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 STAGES = ("first", "second")
 
 
-class ConfigError(ValueError):
+class ConfigError(LDCTError):
     """A config value that cannot work; the message names the key."""
 
 

@@ -19,6 +19,8 @@ import os
 import secrets
 from pathlib import Path
 
+from ldct_lightning.errors import LDCTError
+
 log = logging.getLogger(__name__)
 
 KEY_FILE_NAME = ".ldct-pseudonym.key"
@@ -26,7 +28,7 @@ _SECRET_BYTES = 32
 _loaded: dict[tuple[str, int, int], bytes] = {}  # (key file, inode, mtime) -> secret
 
 
-class PrivacyError(ValueError):
+class PrivacyError(LDCTError):
     """A pseudonym key file that cannot be used; ``str(e)`` names it and what to do."""
 
 

@@ -120,3 +120,24 @@ def test_scan_lists_each_bad_file_once_or_stops(write_series, tmp_path, strict):
     assert len(scan.series) == len(good) + 1  # the series with the cut file fails only when decoded
     assert sorted(s.path for s in scan.skipped) == sorted(bad[:-1])
     assert all("\n" not in s.message and s.message.startswith(f"{s.path}: ") for s in scan.skipped)
+
+
+def test_every_error_class_of_the_package_is_an_ldct_error() -> None:
+    """Entry points catch one class: every ``*Error`` defined in the package derives from ``LDCTError``."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import ldct_lightning
+    from ldct_lightning.errors import LDCTError
+
+    found = {}
+    for info in pkgutil.walk_packages(ldct_lightning.__path__, "ldct_lightning."):
+        module = importlib.import_module(info.name)
+        for name, obj in inspect.getmembers(module, inspect.isclass):
+            if name.endswith("Error") and obj.__module__ == info.name:
+                found[f"{info.name}.{name}"] = obj
+    assert len(found) >= 16  # the classes there were when the base class came (guards against an empty walk)
+    not_ldct = sorted(name for name, cls in found.items() if not issubclass(cls, LDCTError))
+    assert not_ldct == []
+    assert issubclass(LDCTError, ValueError)  # callers that caught ValueError keep working

@@ -18,11 +18,10 @@ import sys
 import warnings
 from pathlib import Path
 
-from ldct_lightning.data.datamodule import DataConfigError, LDCTDataModule
-from ldct_lightning.data.dicom import DicomError
+from ldct_lightning.data.datamodule import LDCTDataModule
 from ldct_lightning.data.noise import estimate_noise_sd_hu
-from ldct_lightning.data.pairing import PairingError
 from ldct_lightning.data.split_defaults import data_config_kind, data_split_defaults, split_params
+from ldct_lightning.errors import LDCTError
 from ldct_lightning.registration.figures import save_registration_figure
 
 
@@ -140,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             print("noise SD estimated from the images (flat soft tissue):")
             print("\n".join(estimated_noise_table(dm)))
             print("\n".join(registration_lines(dm, args.figures or args.root / "registration_figures")))
-        except (DataConfigError, DicomError, PairingError, ValueError) as exc:
+        except LDCTError as exc:
             _print_warnings(caught)
             print(f"ldct-data-summary: error: {exc}", file=sys.stderr)
             return 2

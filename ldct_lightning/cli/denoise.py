@@ -21,17 +21,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ldct_lightning import __version__
-from ldct_lightning.data.dicom import DicomError, SkippedFile, scan_dicom
+from ldct_lightning.data.dicom import SkippedFile, scan_dicom
 from ldct_lightning.derived_series import SeriesResult, denoise_scan, short_sha256
-from ldct_lightning.inference import Denoiser, InferenceError, load_generator_config
+from ldct_lightning.errors import LDCTError
+from ldct_lightning.inference import Denoiser, load_generator_config
 from ldct_lightning.inference_backends import BACKENDS
-from ldct_lightning.modules.handoff import CheckpointError
-from ldct_lightning.privacy import PrivacyError
 
 PROG = "ldct-denoise"
 
 
-class DenoiseCLIError(ValueError):
+class DenoiseCLIError(LDCTError):
     """Bad command-line input; ``str(e)`` names the argument, the problem and what to do."""
 
 
@@ -230,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.showwarning = _show_warning
         try:
             return run(args)
-        except (DicomError, CheckpointError, InferenceError, DenoiseCLIError, PrivacyError) as e:
+        except LDCTError as e:
             print(f"{PROG}: error: {e}", file=sys.stderr)
             return 2
         except OSError as e:  # permissions, disk full: the message names the path

@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from ldct_lightning.data.split_defaults import data_config_kind, data_split_defaults, split_params
+from ldct_lightning.errors import LDCTError
 from ldct_lightning.eval.run_names import seeded_name
 
 PROG = "ldct-evaluate"
@@ -39,7 +40,7 @@ evaluation runs on the same test patients; --n-val/--n-test/--split-seed only ma
 """
 
 
-class EvaluateCLIError(ValueError):
+class EvaluateCLIError(LDCTError):
     """Bad command-line input; ``str(e)`` names the argument, the problem and what to do."""
 
 

@@ -17,18 +17,17 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ldct_lightning.errors import LDCTError
 from ldct_lightning.export import (
     FORMATS,
     META_FILE,
     MIN_OPSET,
-    ExportError,
     export_generator,
     export_metadata,
     require_onnx,
     verify_shape,
 )
-from ldct_lightning.inference import Denoiser, InferenceError, load_generator_config
-from ldct_lightning.modules.handoff import CheckpointError
+from ldct_lightning.inference import Denoiser, load_generator_config
 
 PROG = "ldct-export"
 __all__ = ["FORMATS", "META_FILE", "PROG", "build_parser", "main", "run"]
@@ -85,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (CheckpointError, InferenceError, ExportError) as e:
+    except LDCTError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

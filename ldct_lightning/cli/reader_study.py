@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ldct_lightning.data.normalize import WINDOWS
+from ldct_lightning.errors import LDCTError
 from ldct_lightning.eval import reader_study as rs
 
 EPILOG = """\
@@ -123,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.json.parent.mkdir(parents=True, exist_ok=True)
                 args.json.write_text(json.dumps(result.to_dict(), indent=2))
                 print(f"wrote {args.json}")
-    except (rs.ReaderStudyError, FileNotFoundError, KeyError) as exc:
+    except (LDCTError, FileNotFoundError, KeyError) as exc:
         print(f"ldct-reader-study: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -41,6 +41,7 @@ from ldct_lightning.data.noise import (
 )
 from ldct_lightning.data.normalize import HU_MAX, HU_MIN
 from ldct_lightning.data.pairing import Split, Study, build_studies, load_or_create_split
+from ldct_lightning.errors import LDCTError
 from ldct_lightning.privacy import KEY_FILE_NAME
 from ldct_lightning.registration import (
     RegistrationCache,
@@ -62,7 +63,7 @@ _NOISE_KEYS = {
 }
 
 
-class DataConfigError(ValueError):
+class DataConfigError(LDCTError):
     """A data config value that cannot work; the message names the key (``data.<key>``)."""
 
 

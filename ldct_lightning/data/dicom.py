@@ -23,13 +23,14 @@ from pydicom.uid import MediaStorageDirectoryStorage
 from tqdm.auto import tqdm
 
 from ldct_lightning.data.prefetch import ordered_prefetch
+from ldct_lightning.errors import LDCTError
 from ldct_lightning.privacy import KEY_FILE_NAME, Pseudonymizer, find_key_root, pseudonymizer
 
 # Slices closer than this along the normal count as the same position (mm).
 _SAME_POSITION_MM = 1e-3
 
 
-class DicomError(ValueError):
+class DicomError(LDCTError):
     """A problem with the DICOM input; ``str(e)`` reads ``"<path>: <problem>. <what to do>"``.
 
     Args:

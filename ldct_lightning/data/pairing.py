@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from ldct_lightning.data.dicom import SeriesInfo
+from ldct_lightning.errors import LDCTError
 
 ROLES = ("ldct", "ndct")
 # Dose tags compared to tell LDCT from NDCT, in order of preference: (SeriesInfo attribute, keyword, unit).
@@ -30,7 +31,7 @@ DOSE_TAGS = (
 )
 
 
-class PairingError(ValueError):
+class PairingError(LDCTError):
     """Studies or a split cannot be built from the given series, manifest or split file."""
 
 

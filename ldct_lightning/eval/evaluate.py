@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ldct_lightning.data.normalize import HU_MAX, HU_MIN, WINDOWS, unit_to_hu
+from ldct_lightning.errors import LDCTError
 from ldct_lightning.eval.metrics import PAPER, REFERENCE, Record, score_slice
 from ldct_lightning.eval.reader_study import save_stack
 from ldct_lightning.eval.rois import LABEL_IDS, Box, BoxTable, read_boxes, register_rigid
@@ -81,7 +82,7 @@ REGISTRATION_FIELDS: tuple[str, ...] = (
 FIGURE_ROIS: tuple[str, ...] = ("liver", "heart")  # the ROIs of the paper's Fig. 5 and the zooms
 
 
-class EvaluationError(ValueError):
+class EvaluationError(LDCTError):
     """Bad evaluation input; ``str(e)`` names the argument or file, the problem and what to do."""
 
 

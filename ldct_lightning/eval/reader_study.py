@@ -28,6 +28,7 @@ from PIL import Image
 from scipy import stats
 
 from ldct_lightning.data.normalize import WINDOWS, apply_window
+from ldct_lightning.errors import LDCTError
 from ldct_lightning.eval.stats import format_mean_sd, holm, mean_sd
 
 CRITERIA: tuple[str, ...] = ("noise_suppression", "artifact_correction", "detail_restoration", "overall")
@@ -43,7 +44,7 @@ KEY_FILE = "key.csv"
 SHEET_FIELDS: tuple[str, ...] = ("reader", "case", "image", "file")
 
 
-class ReaderStudyError(ValueError):
+class ReaderStudyError(LDCTError):
     """Bad reader-study input; the message names the file and row."""
 
 

@@ -18,6 +18,7 @@ from skimage.metrics import mean_squared_error
 from skimage.registration import phase_cross_correlation
 
 from ldct_lightning.data.phantom import LABEL_NAMES
+from ldct_lightning.errors import LDCTError
 
 # Label ids of the synthetic set's ROI masks, defined once with the phantom.
 LABELS: dict[int, str] = dict(LABEL_NAMES)
@@ -57,7 +58,7 @@ class Box(NamedTuple):
 BoxTable = dict[tuple[str, int], dict[str, Box]]
 
 
-class BoxFileError(ValueError):
+class BoxFileError(LDCTError):
     """A boxes-per-slice file is malformed; the message names the file and the row."""
 
 

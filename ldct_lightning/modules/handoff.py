@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ldct_lightning.errors import LDCTError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(LDCTError):
     """A checkpoint that cannot initialise the generator; ``str(e)`` names the file and what to do."""
 
 

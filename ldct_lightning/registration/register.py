@@ -19,6 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from ldct_lightning.errors import LDCTError
 from ldct_lightning.registration.geometry import Correspondence, VolumeGeometry, transform_matrix
 from ldct_lightning.registration.quality import registered_mask, slice_ncc
 
@@ -27,7 +28,7 @@ METRICS = ("mattes", "correlation")
 AIR_HU = -1000.0
 
 
-class RegistrationError(ValueError):
+class RegistrationError(LDCTError):
     """A study that cannot be registered (the message says why and what to do)."""
 
 
