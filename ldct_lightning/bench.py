@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ldct_lightning.atomic import write_text_atomic
+
 TARGETS = {"cache_slices_per_s": 100.0, "crops_per_s_one_worker": 5000.0}
 
 
@@ -575,10 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] {name} ...", flush=True)
         results[name] = _run_section(name, args.quick)
         print(json.dumps(results[name], indent=2), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, args.out)
+    write_text_atomic(args.out, json.dumps(results, indent=2))
     print(f"[bench] wrote {args.out}")
     return 0
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import statistics
 import sys
 from datetime import datetime, timezone
@@ -23,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from ldct_lightning.atomic import write_text_atomic
 from ldct_lightning.bench import machine
 from ldct_lightning.cli import evaluate as evaluate_cli
 from ldct_lightning.eval.run_names import split_seed
@@ -270,13 +270,6 @@ def training_costs(jobs: list[dict[str, Any]], proposed: str) -> dict[str, str]:
     return costs
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def evaluated_name(args: argparse.Namespace) -> str:
     """The proposed method's name as ``ldct-evaluate --sweep`` names it: its first seed's row with several seeds."""
     names = list(evaluate_cli.sweep_methods(args.sweep))
@@ -393,8 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: {result['machine']['cuda'] or 'CPU only'}, {result['machine']['cpu_count']} CPU cores, "
         f"torch {result['machine']['torch']}. Full report: {evaluation / 'report.md'}\n"
     )
-    _write_atomic(args.out, json.dumps(result, indent=2))
-    _write_atomic(args.out.with_suffix(".md"), md)
+    write_text_atomic(args.out, json.dumps(result, indent=2))
+    write_text_atomic(args.out.with_suffix(".md"), md)
     print(md)
     print(f"{PROG}: wrote {args.out} and {args.out.with_suffix('.md')}", file=sys.stderr)
     return 0

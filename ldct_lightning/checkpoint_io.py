@@ -15,9 +15,6 @@ Wired for every trainer by ``conf/trainer/cpu.yaml`` (``gpu`` and ``ddp`` inheri
 
 from __future__ import annotations
 
-import contextlib
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +23,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-TMP_SUFFIX = ".tmp"
+from ldct_lightning.atomic import atomic_path
 
 
 def _is_local(path: _PATH) -> bool:
@@ -45,21 +42,8 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         Whatever ``torch.save`` or the file system raises; the target is then unchanged and the temporary file
         removed.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}"
-    # os.open rather than tempfile.mkstemp: mkstemp makes the file private (0600), a checkpoint gets the umask
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # KeyboardInterrupt / SIGTERM during a save too: never leave the temporary file
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path, fsync=True) as tmp:
+        torch.save(obj, tmp)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from ldct_lightning.atomic import atomic_path
 from ldct_lightning.errors import LDCTError
 from ldct_lightning.models.blocks import ResidualBlock
 
@@ -225,12 +226,8 @@ def onnx_network(
         path = cache / f"generator-{generator_digest(generator)}.onnx"
         if not path.is_file():
             log.info("exporting the generator to %s (once per checkpoint)", path)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            try:
+            with atomic_path(path) as tmp:
                 export_onnx(
                     exportable(generator), torch.rand(1, 1, 64, 64), tmp, {"producer": "ldct-denoise"}
                 )
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
     return OnnxRuntimeNetwork(path, generator)

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ldct_lightning.atomic import write_text_atomic
 from ldct_lightning.data.dicom import SeriesInfo, read_series_hu
 
 # Bump when the stored layout or the HU conversion changes: old entries are then ignored.
@@ -104,12 +105,7 @@ def hu_to_int16(hu: np.ndarray, out: np.ndarray) -> None:
 
 
 def _write_json_atomic(data: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomic(path, json.dumps(data, indent=1))
 
 
 class SeriesCache:
@@ -149,10 +145,7 @@ class SeriesCache:
         return key
 
     def _remember_stat(self, stat_file: Path, key: str) -> None:
-        stat_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = stat_file.with_name(f".{stat_file.name}.tmp-{os.getpid()}")
-        tmp.write_text(key)
-        os.replace(tmp, stat_file)
+        write_text_atomic(stat_file, key)
 
     def paths(self, key: str) -> tuple[Path, Path]:
         """The ``.npy`` array and ``.json`` sidecar of a content key."""

@@ -6,7 +6,6 @@ leaves a half-written ``.dcm`` behind.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,8 @@ import numpy as np
 import pydicom
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from ldct_lightning.atomic import atomic_path
 
 
 @dataclass
@@ -153,13 +154,8 @@ def save_atomic(ds: pydicom.Dataset, path: Path) -> None:
         ds: the dataset.
         path: the final file path (its folder is created).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         ds.save_as(tmp, enforce_file_format=True)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_ct_series(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import os
 import random
 import warnings
 from collections import defaultdict
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from ldct_lightning.atomic import write_text_atomic
 from ldct_lightning.data.dicom import SeriesInfo
 from ldct_lightning.errors import LDCTError
 
@@ -330,14 +330,8 @@ def make_split(studies: Sequence[Study], n_val: int | float, n_test: int | float
 
 
 def write_yaml_atomic(data: dict, path: Path) -> None:
-    """Write YAML through a temporary file of this process (so concurrent writers never share one)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write ``data`` as YAML to ``path`` atomically (:func:`ldct_lightning.atomic.atomic_path`)."""
+    write_text_atomic(path, yaml.safe_dump(data, sort_keys=False))
 
 
 def load_or_create_split(

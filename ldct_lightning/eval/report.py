@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from ldct_lightning.atomic import write_text_atomic
 from ldct_lightning.eval import figures as figs
 from ldct_lightning.eval.evaluate import (
     INPUT,
@@ -711,9 +711,7 @@ def write_report(
         "",
     ]
     report_path = out / "report.md"
-    tmp = out / ".report.md.tmp"
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, report_path)
+    write_text_atomic(report_path, "\n".join(lines))
     return ReportResult(
         report_path,
         tables,
