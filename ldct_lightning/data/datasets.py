@@ -13,7 +13,7 @@ from __future__ import annotations
 import mmap
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import numpy as np
 import torch
@@ -196,8 +196,34 @@ class PatientBatchSampler(Sampler[list[int]]):
 EDGE_MIN_FOREGROUND = 0.05  # an edge crop: at least this fraction of body pixels
 
 
+class CropArgs(TypedDict, total=False):
+    """The crop settings every training dataset takes as keywords (see :class:`_CropDataset`)."""
+
+    crop_size: int
+    samples_per_epoch: int
+    seed: int
+    augment: bool
+    hu_min: float
+    hu_max: float
+    min_foreground: float
+    foreground_hu: float
+    max_tries: int
+
+
 class _CropDataset(Dataset):
-    """Shared machinery: per-sample RNG, crop positions, foreground check, dihedral augmentation."""
+    """Shared machinery: per-sample RNG, crop positions, foreground check, dihedral augmentation.
+
+    Args (keyword-only, the same for every training dataset: :class:`CropArgs`):
+        crop_size: square crop size in pixels.
+        samples_per_epoch: dataset length.
+        seed: random seed.
+        augment: random flips and 90-degree rotations (the same for every crop of a sample).
+        hu_min: HU mapped to 0.
+        hu_max: HU mapped to 1.
+        min_foreground: smallest fraction of (input) crop pixels above ``foreground_hu`` (0 = no check).
+        foreground_hu: HU threshold between air and body.
+        max_tries: crop positions tried before accepting a mostly-air crop.
+    """
 
     _stream = 0  # separates the random streams of the dataset classes for one seed
     # fraction of crops held only to EDGE_MIN_FOREGROUND instead of min_foreground: crops of the air / skin edge,
@@ -206,15 +232,16 @@ class _CropDataset(Dataset):
 
     def __init__(
         self,
-        crop_size: int,
-        samples_per_epoch: int,
-        seed: int,
-        augment: bool,
-        hu_min: float,
-        hu_max: float,
-        min_foreground: float,
-        foreground_hu: float,
-        max_tries: int,
+        *,
+        crop_size: int = 128,
+        samples_per_epoch: int = 1000,
+        seed: int = 0,
+        augment: bool = True,
+        hu_min: float = HU_MIN,
+        hu_max: float = HU_MAX,
+        min_foreground: float = 0.0,
+        foreground_hu: float = -500.0,
+        max_tries: int = 10,
     ) -> None:
         if crop_size < 1:
             raise ValueError(f"crop_size must be >= 1, got {crop_size}")
@@ -296,15 +323,7 @@ class SimulatedDataset(_CropDataset):
     Args:
         patients: volumes with ``ndct`` set.
         noise: noise model ``(hu, generator) -> noisy hu`` (see :mod:`ldct_lightning.data.noise`).
-        crop_size: square crop size in pixels.
-        samples_per_epoch: dataset length.
-        seed: random seed.
-        augment: random flips and 90-degree rotations (the same for input and target).
-        hu_min: HU mapped to 0.
-        hu_max: HU mapped to 1.
-        min_foreground: smallest fraction of crop pixels above ``foreground_hu`` (0 = no check).
-        foreground_hu: HU threshold between air and body.
-        max_tries: crop positions tried before accepting a mostly-air crop.
+        **crop: crop settings (:class:`CropArgs`, see :class:`_CropDataset`).
     """
 
     _stream = 1
@@ -313,27 +332,9 @@ class SimulatedDataset(_CropDataset):
         self,
         patients: Sequence[PatientVolumes],
         noise: NoiseModel,
-        crop_size: int = 128,
-        samples_per_epoch: int = 1000,
-        seed: int = 0,
-        augment: bool = True,
-        hu_min: float = HU_MIN,
-        hu_max: float = HU_MAX,
-        min_foreground: float = 0.0,
-        foreground_hu: float = -500.0,
-        max_tries: int = 10,
+        **crop: Unpack[CropArgs],
     ) -> None:
-        super().__init__(
-            crop_size,
-            samples_per_epoch,
-            seed,
-            augment,
-            hu_min,
-            hu_max,
-            min_foreground,
-            foreground_hu,
-            max_tries,
-        )
+        super().__init__(**crop)
         if not patients:
             raise ValueError("SimulatedDataset needs at least one patient")
         for p in patients:
@@ -371,20 +372,12 @@ class UnalignedDataset(_CropDataset):
 
     Args:
         patients: volumes with ``ldct`` and ``ndct`` set.
-        crop_size: square crop size in pixels.
-        samples_per_epoch: dataset length.
-        seed: random seed.
-        augment: random flips and 90-degree rotations (the same for both crops).
-        hu_min: HU mapped to 0.
-        hu_max: HU mapped to 1.
         z_tolerance_mm: largest LDCT-to-NDCT slice distance.
         xy_jitter: largest shift (pixels) of the NDCT crop against the LDCT crop.
-        min_foreground: smallest fraction of LDCT crop pixels above ``foreground_hu`` (0 = no check).
-        foreground_hu: HU threshold between air and body.
-        max_tries: crop positions tried before accepting a mostly-air crop.
         with_registered: also return ``registered`` (the NDCT registered onto the LDCT, same pixels as
             the LDCT crop) and ``registered_mask`` (its well-registered pixels), for stage 2's optional
             registered term; patients without a registration give an all-zero mask.
+        **crop: crop settings (:class:`CropArgs`, see :class:`_CropDataset`).
     """
 
     _stream = 2
@@ -393,30 +386,12 @@ class UnalignedDataset(_CropDataset):
     def __init__(
         self,
         patients: Sequence[PatientVolumes],
-        crop_size: int = 128,
-        samples_per_epoch: int = 1000,
-        seed: int = 0,
-        augment: bool = True,
-        hu_min: float = HU_MIN,
-        hu_max: float = HU_MAX,
         z_tolerance_mm: float = 5.0,
         xy_jitter: int = 16,
-        min_foreground: float = 0.0,
-        foreground_hu: float = -500.0,
-        max_tries: int = 10,
         with_registered: bool = False,
+        **crop: Unpack[CropArgs],
     ) -> None:
-        super().__init__(
-            crop_size,
-            samples_per_epoch,
-            seed,
-            augment,
-            hu_min,
-            hu_max,
-            min_foreground,
-            foreground_hu,
-            max_tries,
-        )
+        super().__init__(**crop)
         self.with_registered = bool(with_registered)
         if not patients:
             raise ValueError(f"{type(self).__name__} needs at least one patient")
@@ -506,15 +481,7 @@ class PairedDataset(UnalignedDataset):
 
     Args:
         patients: volumes with ``ldct`` and ``ndct`` set and ``aligned=True``.
-        crop_size: square crop size in pixels.
-        samples_per_epoch: dataset length.
-        seed: random seed.
-        augment: random flips and 90-degree rotations (the same for both crops).
-        hu_min: HU mapped to 0.
-        hu_max: HU mapped to 1.
-        min_foreground: smallest fraction of crop pixels above ``foreground_hu`` (0 = no check).
-        foreground_hu: HU threshold between air and body.
-        max_tries: crop positions tried before accepting a mostly-air crop.
+        **crop: crop settings (:class:`CropArgs`, see :class:`_CropDataset`).
 
     Raises:
         ValueError: a patient is not flagged aligned, or its LDCT and NDCT differ in matrix size.
@@ -526,30 +493,10 @@ class PairedDataset(UnalignedDataset):
     def __init__(
         self,
         patients: Sequence[PatientVolumes],
-        crop_size: int = 128,
-        samples_per_epoch: int = 1000,
-        seed: int = 0,
-        augment: bool = True,
-        hu_min: float = HU_MIN,
-        hu_max: float = HU_MAX,
-        min_foreground: float = 0.0,
-        foreground_hu: float = -500.0,
-        max_tries: int = 10,
+        **crop: Unpack[CropArgs],
     ) -> None:
-        super().__init__(
-            patients,
-            crop_size,
-            samples_per_epoch,
-            seed,
-            augment,
-            hu_min,
-            hu_max,
-            0.0,
-            0,
-            min_foreground,
-            foreground_hu,
-            max_tries,
-        )
+        # aligned: slice i with slice i, the same pixels (no z search, no jitter)
+        super().__init__(patients, z_tolerance_mm=0.0, xy_jitter=0, **crop)
 
     def _check_patient(self, p: PatientVolumes) -> None:
         if not p.aligned:
@@ -582,16 +529,8 @@ class RegisteredDataset(_CropDataset):
 
     Args:
         patients: volumes with ``ldct``, ``ndct_registered`` and ``registered_mask`` set.
-        crop_size: square crop size in pixels.
-        samples_per_epoch: dataset length.
-        seed: random seed.
-        augment: random flips and 90-degree rotations (the same for the three crops).
-        hu_min: HU mapped to 0.
-        hu_max: HU mapped to 1.
-        min_foreground: smallest fraction of crop pixels above ``foreground_hu`` (0 = no check).
-        foreground_hu: HU threshold between air and body.
-        max_tries: crop positions tried before accepting a mostly-air crop.
         input_weight: loss weight of the LDCT-as-target pixels outside the mask, in [0, 1].
+        **crop: crop settings (:class:`CropArgs`, see :class:`_CropDataset`).
     """
 
     _stream = 4
@@ -599,28 +538,10 @@ class RegisteredDataset(_CropDataset):
     def __init__(
         self,
         patients: Sequence[PatientVolumes],
-        crop_size: int = 128,
-        samples_per_epoch: int = 1000,
-        seed: int = 0,
-        augment: bool = True,
-        hu_min: float = HU_MIN,
-        hu_max: float = HU_MAX,
-        min_foreground: float = 0.0,
-        foreground_hu: float = -500.0,
-        max_tries: int = 10,
         input_weight: float = 0.0,
+        **crop: Unpack[CropArgs],
     ) -> None:
-        super().__init__(
-            crop_size,
-            samples_per_epoch,
-            seed,
-            augment,
-            hu_min,
-            hu_max,
-            min_foreground,
-            foreground_hu,
-            max_tries,
-        )
+        super().__init__(**crop)
         if not patients:
             raise ValueError("RegisteredDataset needs at least one patient")
         if not 0 <= input_weight <= 1:
