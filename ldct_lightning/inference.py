@@ -36,7 +36,7 @@ from ldct_lightning.inference_backends import (
     optimized_generator,
 )
 from ldct_lightning.models.generator import AttentionResUNet
-from ldct_lightning.modules.handoff import load_generator_weights
+from ldct_lightning.modules.handoff import CHECKPOINT_META, load_generator_weights, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -293,8 +293,10 @@ class Denoiser:
     ) -> Denoiser:
         """Build the generator and load its weights from a Lightning checkpoint (``generator.*`` keys).
 
-        The architecture comes from ``generator_kwargs`` when given, else from the run's ``run_info.yaml``
-        (``config.model.generator``) when it exists, else the defaults of :class:`AttentionResUNet`.
+        The architecture comes from ``generator_kwargs`` when given, else from the checkpoint itself (written
+        by this package since 2026-12-02), else from the run's ``run_info.yaml`` (``config.model.generator``)
+        when it exists, else the defaults of :class:`AttentionResUNet`. The HU range of the normalisation
+        comes from the checkpoint (its own record, else the module's hyperparameters), else the defaults.
 
         Args:
             path: a ``.ckpt`` file (a dict with a ``state_dict`` whose generator keys start with ``generator.``).
@@ -314,17 +316,24 @@ class Denoiser:
             InferenceError: a bad generator config or device.
         """
         path = Path(path)
+        checkpoint = read_checkpoint(path)
+        meta = checkpoint.get(CHECKPOINT_META) or {}
+        hparams = checkpoint.get("hyper_parameters") or {}
         info = run_info_path(path)
         if generator_kwargs is not None:
             config, source = dict(generator_kwargs), "generator_kwargs"
+        elif isinstance(meta.get("generator"), Mapping):
+            config, source = dict(meta["generator"]), f"{path.name} (the checkpoint's own config)"
         elif info is not None and info.is_file():
             config, source = load_generator_config(info), str(info)
         else:
             config, source = {}, "defaults"
         log.info("generator architecture from %s", source)
         generator = build_generator(config, source=source)
-        load_generator_weights(generator, path, prefix="generator.")
-        denoiser = cls(generator, device, half, tile, overlap, batch_size, **fast)
+        load_generator_weights(generator, path, prefix="generator.", checkpoint=checkpoint)
+        hu_min = float(meta.get("hu_min", hparams.get("hu_min", HU_MIN)))
+        hu_max = float(meta.get("hu_max", hparams.get("hu_max", HU_MAX)))
+        denoiser = cls(generator, device, half, tile, overlap, batch_size, hu_min, hu_max, **fast)
         denoiser.generator_source = source
         return denoiser
 

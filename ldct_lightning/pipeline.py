@@ -203,6 +203,8 @@ def train_stage(cfg: DictConfig, stage: str, run_dir: Path, init_ckpt: str | Non
     if init_ckpt is not None:
         nets["generator_init"] = init_ckpt
     module = instantiate(stage_cfg.module, **nets)
+    # every checkpoint of the stage carries the generator's config (a checkpoint alone is enough to denoise)
+    module.generator_config = OmegaConf.to_container(cfg.model.generator, resolve=True)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, stage_dir)
     extra: dict[str, Any] = {}
     if _in_multirun() and cfg.trainer.get("strategy"):

@@ -5,10 +5,12 @@ from __future__ import annotations
 import csv
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -66,6 +68,30 @@ def test_fast_dev_run_of_both_stages(tiny_dataset: Path, tmp_path: Path) -> None
     info = yaml.safe_load((tmp_path / "run" / "run_info.yaml").read_text())
     assert info["split_inputs_hash"] == summary["second"]["split_inputs_hash"]
     assert info["config"]["trainer"]["fast_dev_run"] is True
+
+
+def test_a_checkpoint_alone_is_enough_to_denoise(tiny_dataset: Path, tmp_path: Path) -> None:
+    """Each stage's checkpoint carries the generator config and HU range: copied out of its run (no
+    run_info.yaml beside it) it rebuilds the run's generator, not the class defaults."""
+    from ldct_lightning.inference import Denoiser
+
+    overrides = ["debug=fast", "model.generator.input_center=0.3", "model.generator.residual_scale=0.02"]
+    cfg = tiny_cfg(tiny_dataset, tmp_path / "run", overrides)
+    summary = run(cfg)
+    hu = np.random.default_rng(0).uniform(-300, 300, (2, 32, 32)).astype(np.float32)
+    for stage in ("first", "second"):
+        alone = tmp_path / "elsewhere" / stage / "model.ckpt"
+        alone.parent.mkdir(parents=True)
+        shutil.copy(summary[stage]["last_ckpt"], alone)
+        meta = torch.load(alone, map_location="cpu", weights_only=True)["ldct_lightning"]
+        assert meta["generator"]["base_channels"] == 8 and meta["generator"]["depth"] == 2  # experiment=tiny
+        assert (meta["hu_min"], meta["hu_max"]) == (-1024.0, 3071.0)  # normalize.py's range
+        denoiser = Denoiser.from_checkpoint(alone)
+        net = denoiser.generator
+        assert (net.input_center, net.residual_scale) == (0.3, 0.02), stage  # the run's, not the defaults
+        assert "own config" in denoiser.generator_source
+        in_run = Denoiser.from_checkpoint(summary[stage]["last_ckpt"])
+        np.testing.assert_array_equal(denoiser.denoise(hu), in_run.denoise(hu))
 
 
 def test_stage1_fit_lowers_the_loss_and_writes_checkpoints(tiny_dataset: Path, tmp_path: Path) -> None:

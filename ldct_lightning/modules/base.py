@@ -23,6 +23,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from ldct_lightning.data.normalize import HU_MAX, HU_MIN, WINDOWS, apply_window, unit_to_hu
 from ldct_lightning.image_logging import log_image_panel
+from ldct_lightning.modules.handoff import CHECKPOINT_META
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
@@ -64,6 +65,10 @@ def _window_metrics(prefix: str) -> MetricCollection:
 class DenoisingModule(L.LightningModule):
     """Base class: holds the generator and does validation on whole slices.
 
+    Every checkpoint it writes describes itself (``checkpoint["ldct_lightning"]``): the generator's config
+    (``generator_config``, a Hydra ``_target_`` dict set by the pipeline; None when unknown) and the HU range
+    of the normalisation, so a checkpoint file alone is enough to denoise (:meth:`Denoiser.from_checkpoint`).
+
     Args:
         generator: the denoising network (input and output in the normalised domain).
         panel_every_n_epochs: log an input / output / target panel every N validation epochs (0: never).
@@ -83,12 +88,21 @@ class DenoisingModule(L.LightningModule):
         self.panel_every_n_epochs = panel_every_n_epochs
         self.hu_min = hu_min
         self.hu_max = hu_max
+        self.generator_config: dict[str, Any] | None = None
         self.val_metrics = _window_metrics("val/")
         self.val_input_metrics = _window_metrics("val/input_")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Denoise a batch (B, 1, H, W) in the normalised domain."""
         return self.generator(x)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Write the generator's config and the HU range into the checkpoint (plain values only)."""
+        checkpoint[CHECKPOINT_META] = {
+            "generator": self.generator_config,
+            "hu_min": float(self.hu_min),
+            "hu_max": float(self.hu_max),
+        }
 
     def _update(self, metrics: MetricCollection, pred: torch.Tensor, target: torch.Tensor) -> None:
         pred_hu = unit_to_hu(pred.float().clamp(0, 1), self.hu_min, self.hu_max)

@@ -9,30 +9,33 @@ from __future__ import annotations
 import pickle
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from ldct_lightning.errors import LDCTError
 
+# the checkpoint key of what a checkpoint says about itself: the generator's config and the HU range
+# (written by DenoisingModule.on_save_checkpoint, read by Denoiser.from_checkpoint)
+CHECKPOINT_META = "ldct_lightning"
+
 
 class CheckpointError(LDCTError):
     """A checkpoint that cannot initialise the generator; ``str(e)`` names the file and what to do."""
 
 
-def load_generator_weights(
-    generator: nn.Module, checkpoint_path: str | Path, prefix: str = "generator."
-) -> None:
-    """Copy the ``prefix``-ed ``state_dict`` entries of a Lightning checkpoint into ``generator`` (strictly).
+def read_checkpoint(checkpoint_path: str | Path) -> dict[str, Any]:
+    """Load a Lightning checkpoint onto the CPU with ``weights_only=True``.
 
     Args:
-        generator: the network to initialise (changed in place).
-        checkpoint_path: a ``.ckpt`` file written by Lightning (e.g. stage 1's ``last.ckpt``).
-        prefix: key prefix of the generator's parameters in the checkpoint's ``state_dict``.
+        checkpoint_path: a ``.ckpt`` file written by Lightning.
+
+    Returns:
+        The checkpoint dict (it has a ``state_dict``).
 
     Raises:
-        CheckpointError: missing file, no ``state_dict``, no key with ``prefix``, missing/unexpected keys or
-            a shape mismatch (the first mismatching key is named with both shapes).
+        CheckpointError: missing file, not loadable with ``weights_only=True``, or no ``state_dict``.
     """
     path = Path(checkpoint_path)
     if not path.is_file():
@@ -49,6 +52,30 @@ def load_generator_weights(
         ) from e
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path}: has no 'state_dict'. Give a Lightning checkpoint (.ckpt)")
+    return checkpoint
+
+
+def load_generator_weights(
+    generator: nn.Module,
+    checkpoint_path: str | Path,
+    prefix: str = "generator.",
+    checkpoint: dict[str, Any] | None = None,
+) -> None:
+    """Copy the ``prefix``-ed ``state_dict`` entries of a Lightning checkpoint into ``generator`` (strictly).
+
+    Args:
+        generator: the network to initialise (changed in place).
+        checkpoint_path: a ``.ckpt`` file written by Lightning (e.g. stage 1's ``last.ckpt``).
+        prefix: key prefix of the generator's parameters in the checkpoint's ``state_dict``.
+        checkpoint: the file's content when already read (:func:`read_checkpoint`); None: read it here.
+
+    Raises:
+        CheckpointError: missing file, no ``state_dict``, no key with ``prefix``, missing/unexpected keys or
+            a shape mismatch (the first mismatching key is named with both shapes).
+    """
+    path = Path(checkpoint_path)
+    if checkpoint is None:
+        checkpoint = read_checkpoint(path)
     state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     if not state:
         raise CheckpointError(

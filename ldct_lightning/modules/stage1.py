@@ -46,6 +46,7 @@ class Stage1Module(DenoisingModule):
         self.strict_loading = False
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("loss.")]:
             del state[key]

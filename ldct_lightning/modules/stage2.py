@@ -188,6 +188,7 @@ class Stage2Module(DenoisingModule):
         return (self.ema_generator if self.ema_generator is not None else self.generator)(x)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(("content_loss.", "anchor.", "fidelity."))]:
             del state[key]
