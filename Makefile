@@ -85,9 +85,9 @@ train-two: data-demo  ## both stages in one run (the proposed method)
 	@echo "+ $(PYTHON) train.py experiment=demo ablation=proposed $(ARGS)"
 	@$(PYTHON) train.py experiment=demo ablation=proposed $(ARGS)
 
-ablations: data-demo  ## proposed, proposed_eq9 (the paper's stage 2), oneStep and firstStep as one Hydra multirun, then their table
-	@echo "+ $(PYTHON) train.py -m experiment=demo ablation=proposed,proposed_eq9,oneStep,firstStep $(ARGS)"
-	@$(PYTHON) train.py -m experiment=demo ablation=proposed,proposed_eq9,oneStep,firstStep $(ARGS)
+ablations: data-demo  ## proposed, proposed_eq9 (the paper's stage 2), proposed_unregistered, oneStep and firstStep as one Hydra multirun, then their table
+	@echo "+ $(PYTHON) train.py -m experiment=demo ablation=proposed,proposed_eq9,proposed_unregistered,oneStep,firstStep $(ARGS)"
+	@$(PYTHON) train.py -m experiment=demo ablation=proposed,proposed_eq9,proposed_unregistered,oneStep,firstStep $(ARGS)
 	@sweep=$$(ls -td outputs/multiruns/demo/*/ | head -n 1); \
 	echo "+ ldct-evaluate --data $(DEMO_DATA) --sweep $$sweep --proposed $(PROPOSED) --out $${sweep}evaluation --overwrite"; \
 	ldct-evaluate --data $(DEMO_DATA) --sweep $$sweep --proposed $(PROPOSED) --out $${sweep}evaluation --overwrite

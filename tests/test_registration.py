@@ -315,7 +315,7 @@ def test_data_summary_prints_each_studys_registration_and_writes_its_figure(
         assert (figures / f"{key}.png").is_file()
 
 
-def test_stage2_registered_term_is_a_masked_l1_and_off_by_default(tiny_dataset: Path, tmp_path: Path) -> None:
+def test_stage2_registered_term_is_a_masked_l1_on_by_default_off_in_the_paper_letter(tiny_dataset: Path, tmp_path: Path) -> None:
     import torch
 
     from ldct_lightning.modules.stage2 import masked_l1
@@ -337,8 +337,13 @@ def test_stage2_registered_term_is_a_masked_l1_and_off_by_default(tiny_dataset: 
 
     from test_pipeline import tiny_cfg
 
-    cfg = tiny_cfg(tiny_dataset, tmp_path / "run", ["ablation=oneStep"])
-    assert cfg.stages.second.module.registered_weight == 0.0 and cfg.data.unaligned_registered is False
+    # on by default in stage 2; the paper's letter and proposed_unregistered switch it off
+    cfg = tiny_cfg(tiny_dataset, tmp_path / "run", [])
+    assert cfg.stages.second.module.registered_weight > 0 and cfg.stages.second.data.unaligned_registered is True
+    for ablation in ("proposed_eq9", "proposed_unregistered"):
+        cfg = tiny_cfg(tiny_dataset, tmp_path / "run", [f"ablation={ablation}"])
+        second = cfg.stages.second
+        assert second.module.registered_weight == 0.0 and second.data.unaligned_registered is False
 
 
 @pytest.mark.slow  # ~1-2 min on 2 CPU cores: 300 updates of a small U-Net
