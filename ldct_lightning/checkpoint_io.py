@@ -42,8 +42,8 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         Whatever ``torch.save`` or the file system raises; the target is then unchanged and the temporary file
         removed.
     """
-    with atomic_path(path, fsync=True) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path, fsync=True) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
