@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ldct_lightning import __version__
+from ldct_lightning.cli.arguments import add_generator_config_argument
 from ldct_lightning.data.dicom import SkippedFile, scan_dicom
 from ldct_lightning.derived_series import SeriesResult, denoise_scan, short_sha256
 from ldct_lightning.errors import LDCTError
@@ -47,13 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("output", type=Path, metavar="OUTPUT", help="folder for the denoised series")
     p.add_argument("--checkpoint", "-c", type=Path, required=True, help="Lightning checkpoint (.ckpt)")
-    p.add_argument(
-        "--generator-config",
-        type=Path,
-        default=None,
-        help="YAML with the generator's config (a run_info.yaml or generator kwargs); default: the "
-        "checkpoint's run_info.yaml when present, else the default generator",
-    )
+    add_generator_config_argument(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument(
         "--backend",

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ldct_lightning.cli.arguments import add_generator_config_argument
 from ldct_lightning.errors import LDCTError
 from ldct_lightning.export import (
     FORMATS,
@@ -45,13 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=FORMATS, required=True, help="torchscript or onnx")
     p.add_argument("--size", type=int, default=512, help="height/width of the tracing example (default: 512)")
     p.add_argument("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset (default: {MIN_OPSET})")
-    p.add_argument(
-        "--generator-config",
-        type=Path,
-        default=None,
-        help="YAML with the generator's config (a run_info.yaml or generator kwargs); default: the "
-        "checkpoint's run_info.yaml when present, else the default generator",
-    )
+    add_generator_config_argument(p)
     return p
 
 

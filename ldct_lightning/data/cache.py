@@ -104,10 +104,6 @@ def hu_to_int16(hu: np.ndarray, out: np.ndarray) -> None:
     out[...] = hu
 
 
-def _write_json_atomic(data: dict, path: Path) -> None:
-    write_text_atomic(path, json.dumps(data, indent=1))
-
-
 class SeriesCache:
     """Content-addressed cache of CT series as int16 HU memory maps.
 
@@ -219,20 +215,18 @@ class SeriesCache:
             os.replace(tmp, array_path)
         finally:
             tmp.unlink(missing_ok=True)
-        _write_json_atomic(
-            {
-                "format_version": CACHE_FORMAT_VERSION,
-                "content_key": key,
-                "series_key": series.series_key,
-                "patient_key": series.patient_key,
-                "shape": list(shape),
-                "dtype": "int16",
-                "unit": "HU",
-                "positions_mm": list(series.positions_mm),
-                "pixel_spacing_mm": list(series.pixel_spacing_mm),
-            },
-            sidecar_path,
-        )
+        sidecar = {
+            "format_version": CACHE_FORMAT_VERSION,
+            "content_key": key,
+            "series_key": series.series_key,
+            "patient_key": series.patient_key,
+            "shape": list(shape),
+            "dtype": "int16",
+            "unit": "HU",
+            "positions_mm": list(series.positions_mm),
+            "pixel_spacing_mm": list(series.pixel_spacing_mm),
+        }
+        write_text_atomic(sidecar_path, json.dumps(sidecar, indent=1))
         self.builds += 1
 
     # ------------------------------------------------------------------------------------------- npz

@@ -152,7 +152,8 @@ def checkpoint_method(
         half: autocast precision (see :class:`~ldct_lightning.inference.Denoiser`).
         tile: tile size for large matrices (None: whole slices).
         overlap: tile overlap in pixels.
-        generator_kwargs: generator architecture (default: from run_info.yaml, else the defaults).
+        generator_kwargs: generator architecture (default: the checkpoint's own config, else the run's
+            run_info.yaml, else the defaults).
 
     Returns:
         The :class:`Method`.
