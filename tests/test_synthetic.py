@@ -256,7 +256,9 @@ def test_regenerating_with_a_seed_gives_the_same_patient_keys(tmp_path: Path) ->
         return sorted(p.stem for p in (tmp_path / name / "truth").glob("*.npz"))
 
     secret = hashlib.sha256(b"ldct-lightning synthetic data, seed 0").digest()
-    expected = sorted(hmac.new(secret, f"SYN-{i:04d}".encode(), hashlib.sha256).hexdigest()[:12] for i in (1, 2))
+    expected = sorted(
+        hmac.new(secret, f"SYN-{i:04d}".encode(), hashlib.sha256).hexdigest()[:12] for i in (1, 2)
+    )
     assert keys("a") == keys("b") == expected
     assert not set(keys("c")) & set(expected)
 
@@ -278,3 +280,120 @@ def test_bad_config_names_the_key() -> None:
         dataclasses.replace(TINY, n_views=90).validate()
     with pytest.raises(ValueError, match="dose_ratio"):
         dataclasses.replace(TINY, dose_ratio=2.0).validate()
+    with pytest.raises(ValueError, match="kernels"):
+        dataclasses.replace(TINY, kernels=("bone",)).validate()
+    with pytest.raises(ValueError, match="habitus"):
+        dataclasses.replace(TINY, habitus=(1.2, 0.9)).validate()
+    with pytest.raises(ValueError, match="dose_ratio_max"):
+        dataclasses.replace(TINY, dose_ratio_max=0.05).validate()
+
+
+def test_a_preset_without_variety_draws_the_old_protocol() -> None:
+    """The variety options draw from their own stream: presets without them keep their data."""
+    for i in range(3):
+        assert synthetic.draw_protocol(TINY, i) == synthetic.Protocol()
+
+
+def test_protocol_variety_stays_in_the_preset_ranges() -> None:
+    cfg = dataclasses.replace(
+        TINY,
+        kernels=("hann", "ramp"),
+        dose_ratio=0.1,
+        dose_ratio_max=0.2,
+        habitus=(0.9, 1.1),
+        dicom_variety=True,
+    )
+    protocols = [synthetic.draw_protocol(cfg, i) for i in range(40)]
+    assert {p.kernel for p in protocols} == {"hann", "ramp"}
+    assert all(0.1 <= p.dose_ratio <= 0.2 and 0.9 <= p.habitus <= 1.1 for p in protocols)
+    storages = {p.storage_ldct for p in protocols} | {p.storage_ndct for p in protocols}
+    assert len(storages) >= 4
+    # unsigned pixels cannot hold air (-1000 HU) with intercept 0
+    assert all(s.signed or s.intercept == -1024.0 for s in storages)
+    assert protocols == [synthetic.draw_protocol(cfg, i) for i in range(40)]  # deterministic
+
+
+def test_exposure_profile_by_hand() -> None:
+    """Bowtie exp(-2 (t/250)^2) across the detector; view modulation sqrt(attenuation), mean 1."""
+    import torch
+
+    n_views, n_det, pixel = 8, 301, 1.2
+    loss = torch.linspace(2.0, 6.0, n_views)  # per-view line integral through the centre
+    sino = loss[None, :, None].expand(1, n_views, n_det)
+    profile = synthetic.exposure_profile(sino, pixel).numpy()
+    t = (np.arange(n_det) - 150) * pixel
+    modulation = np.exp(loss.numpy() / 2)
+    expected = (modulation / modulation.mean())[:, None] * np.exp(-2 * (t / 250) ** 2)[None, :]
+    np.testing.assert_allclose(profile, expected, rtol=1e-6)
+    assert profile[:, 150].mean() == pytest.approx(1.0)
+
+
+def test_sharp_kernel_is_noisier_and_tagged(tmp_path: Path) -> None:
+    cfg = dataclasses.replace(TINY, n_patients=1, kernels=("ramp",))
+    smooth, sharp = simulate_patient(TINY, 0), simulate_patient(cfg, 0)
+    sd_smooth = liver_noise_sd(smooth.ldct, smooth.clean_ld, smooth.labels_ld, TINY.pixel_mm)
+    sd_sharp = liver_noise_sd(sharp.ldct, sharp.clean_ld, sharp.labels_ld, TINY.pixel_mm)
+    assert sd_sharp > 1.3 * sd_smooth
+    generate_dataset(tmp_path / "d", cfg, progress=False)
+    kernels = {ds.ConvolutionKernel for files in _read_series(tmp_path / "d").values() for ds in files}
+    assert kernels == {synthetic.KERNELS["ramp"]}
+
+
+def test_dicom_variety_decodes_to_the_same_hu(tmp_path: Path) -> None:
+    """Every storage convention, read back by pydicom with its rescale tags, gives the simulated HU."""
+    cfg = dataclasses.replace(TINY, n_patients=3, dicom_variety=True)
+    generate_dataset(tmp_path / "d", cfg, progress=False)
+    scans = {f"SYN-{i + 1:04d}": simulate_patient(cfg, i) for i in range(cfg.n_patients)}
+    manifest = {r["series_uid"]: r["role"] for r in csv.DictReader((tmp_path / "d" / "manifest.csv").open())}
+    seen = set()
+    for uid, files in _read_series(tmp_path / "d").items():
+        ds = files[0]
+        seen.add((int(ds.PixelRepresentation), float(ds.RescaleIntercept), ds.original_encoding[0]))
+        scan = scans[ds.PatientID]
+        expected = scan.ldct if manifest[uid] == "ldct" else scan.ndct
+        if int(ds.PixelRepresentation) == 0:  # unsigned with intercept -1024 cannot go below -1024 HU
+            expected = np.clip(expected, -1024, None)
+        assert np.abs(_hu(files) - expected).max() <= 0.5 + 1e-3
+    assert len(seen) >= 2
+
+
+def test_habitus_changes_the_fat_not_the_organs() -> None:
+    """A factor f scales the body's semi-axes by f (area ~ f^2), the cavity stays."""
+    from ldct_lightning.data import phantom
+
+    rng = np.random.default_rng(5)
+    anatomy = phantom.random_anatomy(rng)
+    large = phantom.with_habitus(anatomy, 1.1)
+    assert large.body_a == pytest.approx(1.1 * anatomy.body_a)
+    assert large.body_a - large.fat_side == pytest.approx(anatomy.body_a - anatomy.fat_side)
+    assert large.fat_front - large.fat_back == pytest.approx(anatomy.fat_front - anatomy.fat_back)
+    slim = phantom.with_habitus(anatomy, 0.7)
+    assert min(slim.fat_side, slim.fat_front, slim.fat_back) >= 3.0 - 1e-9
+    hu0, lab0 = phantom.render_slices(anatomy, [-60.0], 128, 2.8)
+    hu1, lab1 = phantom.render_slices(large, [-60.0], 128, 2.8)
+    area0, area1 = int((hu0 > -500).sum()), int((hu1 > -500).sum())
+    assert area1 / area0 == pytest.approx(1.21, rel=0.08)  # the table is outside the body and small
+    assert int((lab0 == phantom.LIVER).sum()) == int((lab1 == phantom.LIVER).sum())
+    # the chest widens the body by a share of its size, which moves the ribs a little
+    assert int((lab1 == phantom.BONE).sum()) == pytest.approx(int((lab0 == phantom.BONE).sum()), rel=0.1)
+
+
+def test_trabecular_bone_mean_and_network() -> None:
+    """The network's mean HU is the bone's (the Gaussian-field fill fraction, erf(w / sqrt 2)), with fine
+    structure: a large SD inside the marrow at a few-mm scale."""
+    import math
+
+    import torch
+
+    from ldct_lightning.data import phantom
+
+    rng = np.random.default_rng(3)
+    anatomy = phantom.random_anatomy(rng)
+    anatomy.trabecular_k, anatomy.trabecular_phase = phantom.random_trabecular(rng)
+    points = torch.as_tensor(np.random.default_rng(4).uniform(-200, 200, (3, 200_000)), dtype=torch.float32)
+    hu = phantom.trabecular_bone(anatomy, *points, mean_hu=250.0).numpy()
+    assert phantom.TRABECULAR_FILL == pytest.approx(math.erf(0.5 / math.sqrt(2)))
+    assert hu.mean() == pytest.approx(250.0, rel=0.1)
+    assert hu.min() >= phantom.MARROW_SPACE_HU - 1e-3 and hu.std() > 150.0
+    again = phantom.trabecular_bone(anatomy, *points[:, :1000], mean_hu=250.0).numpy()
+    np.testing.assert_array_equal(again, hu[:1000])

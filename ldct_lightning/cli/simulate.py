@@ -14,6 +14,10 @@ presets:
   tiny   3 patients x 4 slices, 64x64 at 5.6 mm (tests, seconds)
   demo   11 patients x 10 slices, 256x256 at 1.4 mm (about a minute on 2 CPU cores)
   bench  16 patients x 24 slices, 512x512 at 0.7 mm (benchmarks, tens of minutes on a CPU, ~2 GB RAM)
+  site_a 12 patients x 16 slices, bench geometry, trabecular bone, bowtie + tube-current modulation,
+         smooth kernel (make bench-generalize trains on it)
+  site_b 6 patients x 12 slices, site_a's anatomy model with other patients, a sharper kernel, slimmer and
+         larger bodies, dose ratios 1/12-1/5, mixed DICOM storage (make bench-generalize tests on it)
 
 output (OUT):
   dicom/...              2 DICOM series per patient (LDCT ~1.5 mGy, NDCT ~12 mGy), random file names

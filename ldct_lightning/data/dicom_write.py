@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from ldct_lightning.atomic import atomic_path
 
@@ -44,6 +44,7 @@ class CTSeriesSpec:
     rescale_slope: float = 1.0
     rescale_intercept: float = -1024.0
     pixel_representation: int = 0  # 0 unsigned, 1 signed
+    implicit_vr: bool = False  # Implicit VR Little Endian (older exports) instead of explicit
     convolution_kernel: str = "STANDARD"
     manufacturer: str = "ldct-lightning synthetic"
     table_offset_mm: float = 0.0
@@ -86,7 +87,7 @@ def ct_slice_dataset(hu: np.ndarray, spec: CTSeriesSpec, z_mm: float, instance_n
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = ImplicitVRLittleEndian if spec.implicit_vr else ExplicitVRLittleEndian
     ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID = CTImageStorage
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID

@@ -12,6 +12,7 @@ coordinates and does not move with the patient.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -75,6 +76,9 @@ class Anatomy:
     bowel: np.ndarray = field(default_factory=lambda: np.zeros((0, 5)))  # x, y, z, r, gas(0/1)
     texture_k: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))  # wave vectors, rad/mm
     texture_phase: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    # trabecular network of the marrow (empty: the smooth texture, as before); see random_trabecular
+    trabecular_k: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
+    trabecular_phase: np.ndarray = field(default_factory=lambda: np.zeros(0))
     table_y: float = 0.0  # y of the table top in the scanner frame (patient centred in the bore)
 
 
@@ -196,6 +200,85 @@ def _place_lesions(rng: np.random.Generator, anatomy: Anatomy, lesion_z: list[fl
     return lesions
 
 
+def with_habitus(anatomy: Anatomy, factor: float) -> Anatomy:
+    """The same patient, slimmer (``factor < 1``) or larger (``> 1``): the subcutaneous fat changes.
+
+    The body's semi-axes change by ``(factor - 1)`` times themselves and the fat layers by the same
+    millimetres, so the muscle wall, the organs and the spine stay where they are; every fat layer keeps
+    at least 3 mm.
+
+    Args:
+        anatomy: the patient.
+        factor: body-size factor (1 returns an equal copy).
+
+    Returns:
+        A new :class:`Anatomy`.
+    """
+    da = max((factor - 1.0) * anatomy.body_a, 3.0 - anatomy.fat_side)
+    # front and back grow by the same amount, so the cavity (its centre and AP semi-axis) stays put
+    db = max((factor - 1.0) * anatomy.body_b, 3.0 - min(anatomy.fat_front, anatomy.fat_back))
+    return dataclasses.replace(
+        anatomy,
+        body_a=anatomy.body_a + da,
+        fat_side=anatomy.fat_side + da,
+        body_b=anatomy.body_b + db,
+        fat_front=anatomy.fat_front + db,
+        fat_back=anatomy.fat_back + db,
+        table_y=anatomy.table_y + db,
+    )
+
+
+def random_trabecular(rng: np.random.Generator, n_waves: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Wave vectors and phases of a band-pass random field for trabecular bone (wavelengths 3-6 mm).
+
+    Args:
+        rng: random generator.
+        n_waves: number of plane waves (more: a less regular network).
+
+    Returns:
+        ``(k, phase)``: (n_waves, 3) wave vectors in rad/mm and (n_waves,) phases.
+    """
+    direction = rng.normal(size=(n_waves, 3))
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    k = direction * (2 * math.pi / rng.uniform(3.0, 6.0, n_waves))[:, None]
+    return k, rng.uniform(0.0, 2 * math.pi, n_waves)
+
+
+# share of the marrow that the trabecular sheets fill (|field| < TRABECULAR_HALF_WIDTH, field ~ N(0, 1))
+TRABECULAR_HALF_WIDTH = 0.5
+TRABECULAR_FILL = math.erf(TRABECULAR_HALF_WIDTH / math.sqrt(2.0))
+MARROW_SPACE_HU = 30.0  # red/yellow marrow between the trabeculae
+
+
+def trabecular_bone(
+    anatomy: Anatomy, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, mean_hu: float
+) -> torch.Tensor:
+    """HU of cancellous bone: thin sheets (the zero-level set of a band-pass random field) in marrow.
+
+    A sum of random plane waves is approximately a Gaussian field; the points where it is near zero form a
+    connected, foam-like network of sheets and rods, the look of trabecular bone at CT resolution. The
+    sheets' HU is chosen so that the bone's mean is ``mean_hu`` (its bone mineral density), with
+    :data:`MARROW_SPACE_HU` in between; the edges are soft over ~0.1 of the field's SD (partial volume).
+
+    Args:
+        anatomy: the patient (its ``trabecular_k`` and ``trabecular_phase``).
+        x, y, z: points in mm (any one shape).
+        mean_hu: mean HU of the cancellous bone.
+
+    Returns:
+        float32 HU at the points.
+    """
+    k = torch.as_tensor(anatomy.trabecular_k, dtype=x.dtype)
+    phase = torch.as_tensor(anatomy.trabecular_phase, dtype=x.dtype)
+    field_ = torch.zeros_like(x)
+    for i in range(k.shape[0]):
+        field_ += torch.cos(k[i, 0] * x + k[i, 1] * y + k[i, 2] * z + phase[i])
+    field_ = field_ * math.sqrt(2.0 / k.shape[0])
+    sheet = torch.sigmoid((TRABECULAR_HALF_WIDTH - field_.abs()) / 0.1)
+    sheet_hu = MARROW_SPACE_HU + (mean_hu - MARROW_SPACE_HU) / TRABECULAR_FILL
+    return MARROW_SPACE_HU + (sheet_hu - MARROW_SPACE_HU) * sheet
+
+
 def random_pose(rng: np.random.Generator, strength: float = 1.0) -> Pose:
     """A different day's pose: a few mm and degrees of rigid motion, breathing and a smooth warp.
 
@@ -271,6 +354,16 @@ class _Canvas:
         val = value + tex_amp * self.tex if tex_amp else torch.tensor(value)
         self.hu = torch.where(mask, val, self.hu)
         self.lab.masked_fill_(mask, label)
+
+    def paint_marrow(self, mask: torch.Tensor, an: Anatomy, mean_hu: float, tex_amp: float) -> None:
+        """Cancellous bone: :func:`trabecular_bone` where the patient has a network, else smooth texture."""
+        if an.trabecular_k.size == 0:
+            self.paint(mask, mean_hu, BONE, tex_amp)
+            return
+        idx = mask.nonzero(as_tuple=True)
+        if idx[0].numel():
+            self.hu[idx] = trabecular_bone(an, self.x[idx], self.y[idx], self.z[idx], mean_hu)
+            self.lab[idx] = BONE
 
     def paint_dots(
         self,
@@ -471,11 +564,18 @@ def _paint_spine_and_ribs(an: Anatomy, cv: _Canvas, inside_body: torch.Tensor, w
     r = torch.hypot(x, y - vy)
     disc = torch.remainder(z - an.disc_phase, 32.0) < 7.0
     cv.paint(r < vr, an.bone_hu, BONE)
-    cv.paint((r < vr - 2.0) & ~disc, an.marrow_hu, BONE, 40.0)
+    cv.paint_marrow((r < vr - 2.0) & ~disc, an, an.marrow_hu, 40.0)
     cv.paint((r < vr) & disc, 85.0, OTHER, 5.0)
     arch = _ellipse(x, y, 0.0, canal_y, 14.0, 12.0)
     spinous = _ellipse(x, y, 0.0, canal_y + 18.0, 5.0, 12.0)
     cv.paint(((arch < 1.0) | (spinous < 1.0)) & ~disc, an.bone_hu * 0.8, BONE, 30.0)
+    cancellous = an.trabecular_k.size > 0  # the trabecular bone model: cancellous arch, thin rib cortex
+    if cancellous:  # lamina and spinous process: ~1.5 mm of cortex around cancellous bone
+        inner_arch = (_ellipse(x, y, 0.0, canal_y, 12.5, 10.5) < 1.0) & (
+            _ellipse(x, y, 0.0, canal_y, 10.0, 9.0) >= 1.0
+        )
+        inner_spinous = _ellipse(x, y, 0.0, canal_y + 18.0, 3.5, 10.5) < 1.0
+        cv.paint_marrow((inner_arch | inner_spinous) & ~disc, an, an.marrow_hu, 30.0)
     cv.paint(_ellipse(x, y, 0.0, canal_y, 8.5, 7.5) < 1.0, 20.0, OTHER)
     # ribs: cross-sections along the chest wall; they slope, so their angles change with z
     theta = torch.atan2(x, y - wall_y)  # 0 = posterior midline, +-pi = anterior
@@ -490,7 +590,10 @@ def _paint_spine_and_ribs(an: Anatomy, cv: _Canvas, inside_body: torch.Tensor, w
     tangential = local * torch.hypot(x, y - wall_y)  # ~ mm along the ring
     rib = in_range & (((tangential / 6.5) ** 2 + (radial / 4.5) ** 2) < 1.0)
     cv.paint(rib, an.bone_hu * 0.85, BONE)
-    cv.paint(rib & (((tangential / 4.5) ** 2 + (radial / 2.8) ** 2) < 1.0), an.marrow_hu, BONE, 30.0)
+    marrow_t, marrow_r = (5.3, 3.4) if cancellous else (4.5, 2.8)  # cortex ~1.1 mm, else ~1.8 mm
+    cv.paint_marrow(
+        rib & (((tangential / marrow_t) ** 2 + (radial / marrow_r) ** 2) < 1.0), an, an.marrow_hu, 30.0
+    )
 
 
 def _paint_table(

@@ -325,7 +325,7 @@ def mu_to_hu(mu: torch.Tensor, mu_water: float = MU_WATER) -> torch.Tensor:
 
 def add_poisson_noise(
     line_integrals: torch.Tensor,
-    photons_per_ray: float,
+    photons_per_ray: float | torch.Tensor,
     electronic_noise_sd: float,
     generator: torch.Generator | None = None,
     count_floor: float = 1.0,
@@ -338,7 +338,9 @@ def add_poisson_noise(
 
     Args:
         line_integrals: noiseless line integrals (any shape), dimensionless (mu times mm).
-        photons_per_ray: unattenuated photons per detector bin per view (I0).
+        photons_per_ray: unattenuated photons per detector bin per view (I0): one number, or a tensor that
+            broadcasts against ``line_integrals`` (e.g. (n_views, n_det) for a bowtie filter and tube-current
+            modulation).
         electronic_noise_sd: SD of the additive electronic noise, in photon counts.
         generator: random generator (seed it for reproducible noise).
         count_floor: smallest count before the log.
@@ -346,14 +348,15 @@ def add_poisson_noise(
     Returns:
         Noisy line integrals, same shape and dtype.
     """
-    if photons_per_ray <= 0:
-        raise ValueError(f"photons_per_ray must be positive, got {photons_per_ray}")
-    mean = photons_per_ray * torch.exp(-line_integrals.to(torch.float64))
+    photons = torch.as_tensor(photons_per_ray, dtype=torch.float64, device=line_integrals.device)
+    if not bool((photons > 0).all()):
+        raise ValueError(f"photons_per_ray must be positive, got a minimum of {float(photons.min())}")
+    mean = photons * torch.exp(-line_integrals.to(torch.float64))
     counts = torch.poisson(mean, generator=generator)
     if electronic_noise_sd > 0:
         noise = torch.randn(counts.shape, generator=generator, dtype=counts.dtype, device=counts.device)
         counts = counts + electronic_noise_sd * noise
-    noisy = -torch.log(counts.clamp_min(count_floor) / photons_per_ray)
+    noisy = -torch.log(counts.clamp_min(count_floor) / photons)
     return noisy.to(line_integrals.dtype)
 
 

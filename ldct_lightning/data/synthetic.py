@@ -36,6 +36,7 @@ from pydicom.uid import generate_uid
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from ldct_lightning.data import realism
 from ldct_lightning.data.dicom_write import CTSeriesSpec, write_ct_series
 from ldct_lightning.data.normalize import apply_window
 from ldct_lightning.data.phantom import (
@@ -44,12 +45,16 @@ from ldct_lightning.data.phantom import (
     Anatomy,
     random_anatomy,
     random_pose,
+    random_trabecular,
     render_slices,
+    with_habitus,
 )
 from ldct_lightning.data.projector import add_poisson_noise, fbp, forward_project, hu_to_mu, mu_to_hu
 from ldct_lightning.privacy import hash_identifier, set_synthetic_key
 
 LABELS: dict[int, str] = dict(LABEL_NAMES)
+# FBP filter -> the ConvolutionKernel written to DICOM (smooth to sharp)
+KERNELS: dict[str, str] = {"hann": "STANDARD", "cosine": "SOFT", "shepp-logan": "DETAIL", "ramp": "BONE"}
 
 # Reference tube current and CTDIvol of the NDCT protocol; photons per ray scale with the tube current.
 REFERENCE_MA = 300.0
@@ -76,8 +81,22 @@ class SyntheticConfig:
         photons_ndct: unattenuated photons per detector bin per view at the NDCT reference tube current
             (calibrated per resolution so that the NDCT noise in the liver is ~8-15 HU).
         dose_ratio: LDCT / NDCT dose (the paper's ~1.5 / 12 mGy is 1/8).
+        dose_ratio_max: when set, each patient's dose ratio is drawn uniformly from
+            ``[dose_ratio, dose_ratio_max]`` (protocols differ between patients).
         electronic_noise_sd: electronic noise SD, in photon counts per detector reading.
-        filter_name: FBP filter (``hann`` gives the mid-frequency noise texture of a soft-tissue kernel).
+        kernels: FBP filters, one drawn per patient (both of its series use it); see :data:`KERNELS`
+            (``hann`` gives the mid-frequency noise texture of a soft-tissue kernel, ``ramp`` the fine,
+            stronger noise and the sharper edges of a bone/sharp kernel).
+        habitus: range of the body-size factor drawn per patient: the subcutaneous fat grows or shrinks
+            with it (1 = the anatomy as drawn; 0.9-1.1 spans slim to large within the field of view).
+        trabecular: the bone model with cancellous bone: vertebral body, lamina, spinous process and ribs
+            get a trabecular network (a band-pass random field's zero-level sheets, 3-6 mm wavelengths)
+            inside a thin cortex, instead of solid posterior elements and smooth marrow texture.
+        bowtie: a bowtie filter (fewer photons towards the edge of the fan) and angular tube-current
+            modulation (more photons through the wide, lateral views), so the noise varies across the
+            field as on scanners.
+        dicom_variety: each series is written with one of several real-world storage conventions
+            (signed or unsigned pixels, RescaleIntercept -1024 or 0, explicit or implicit VR).
         misalignment: scales the LDCT pose change (0 = same pose, same frame, same slices; 1 = a few mm,
             a few degrees, a few mm of breathing and of slice sampling).
         table_offset_mm: largest |table offset| of the LDCT study: its own frame of reference puts the
@@ -97,8 +116,13 @@ class SyntheticConfig:
     n_views: int = 360
     photons_ndct: float = 2.6e5
     dose_ratio: float = 0.125
+    dose_ratio_max: float | None = None
     electronic_noise_sd: float = 5.0
-    filter_name: str = "hann"
+    kernels: tuple[str, ...] = ("hann",)
+    habitus: tuple[float, float] = (1.0, 1.0)
+    trabecular: bool = False
+    bowtie: bool = False
+    dicom_variety: bool = False
     misalignment: float = 1.0
     table_offset_mm: float = 150.0
     scan_range_slices: int = 1
@@ -119,27 +143,36 @@ class SyntheticConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the key of an impossible value."""
-        checks = {
-            "n_patients": self.n_patients >= 1,
-            "n_slices": self.n_slices >= 1,
-            "image_size": self.image_size >= 16,
-            "pixel_mm": self.pixel_mm > 0,
-            "slice_spacing_mm": self.slice_spacing_mm > 0,
-            "n_views": self.n_views >= 4 and self.n_views % 4 == 0,
-            "photons_ndct": self.photons_ndct > 0,
-            "dose_ratio": 0 < self.dose_ratio <= 1,
-            "electronic_noise_sd": self.electronic_noise_sd >= 0,
-            "misalignment": self.misalignment >= 0,
-            "table_offset_mm": self.table_offset_mm >= 0,
-            "scan_range_slices": self.scan_range_slices >= 0,
+        positive = "use a positive value"
+        checks = {  # key -> (valid, what to use instead)
+            "n_patients": (self.n_patients >= 1, positive),
+            "n_slices": (self.n_slices >= 1, positive),
+            "image_size": (self.image_size >= 16, "use 16 or more"),
+            "pixel_mm": (self.pixel_mm > 0, positive),
+            "slice_spacing_mm": (self.slice_spacing_mm > 0, positive),
+            "n_views": (self.n_views >= 4 and self.n_views % 4 == 0, f"{positive} that is a multiple of 4"),
+            "photons_ndct": (self.photons_ndct > 0, positive),
+            "dose_ratio": (0 < self.dose_ratio <= 1, f"{positive} in (0, 1]"),
+            "dose_ratio_max": (
+                self.dose_ratio_max is None or self.dose_ratio <= self.dose_ratio_max <= 1,
+                "use null or a value in [dose_ratio, 1]",
+            ),
+            "electronic_noise_sd": (self.electronic_noise_sd >= 0, "use 0 or more"),
+            "kernels": (
+                len(self.kernels) >= 1 and all(k in KERNELS for k in self.kernels),
+                f"use a non-empty list of {sorted(KERNELS)}",
+            ),
+            "habitus": (
+                len(self.habitus) == 2 and 0.7 <= self.habitus[0] <= self.habitus[1] <= 1.3,
+                "use (low, high) with 0.7 <= low <= high <= 1.3",
+            ),
+            "misalignment": (self.misalignment >= 0, "use 0 or more"),
+            "table_offset_mm": (self.table_offset_mm >= 0, "use 0 or more"),
+            "scan_range_slices": (self.scan_range_slices >= 0, "use 0 or more"),
         }
-        for key, ok in checks.items():
+        for key, (ok, hint) in checks.items():
             if not ok:
-                raise ValueError(
-                    f"SyntheticConfig.{key}={getattr(self, key)!r} is invalid: use a positive value"
-                    + (" that is a multiple of 4" if key == "n_views" else "")
-                    + (" in (0, 1]" if key == "dose_ratio" else "")
-                )
+                raise ValueError(f"SyntheticConfig.{key}={getattr(self, key)!r} is invalid: {hint}")
 
 
 # Photons are calibrated per resolution (noise grows as the pixels shrink); the field of view stays ~358 mm.
@@ -167,6 +200,24 @@ PRESETS: dict[str, SyntheticConfig] = {
         electronic_noise_sd=5.0,
     ),
 }
+# The generalisation benchmark (make bench-generalize): train on one site's style, test on another's.
+# Both have the bench preset's geometry and photons, trabecular bone and a bowtie with tube-current modulation.
+PRESETS["site_a"] = dataclasses.replace(
+    PRESETS["bench"], n_patients=12, n_slices=16, trabecular=True, bowtie=True, habitus=(0.95, 1.05)
+)
+# another hospital: other patients (seed), a sharper kernel, slimmer and larger patients, doses from 1/12 to
+# 1/5 of the NDCT's, other DICOM storage conventions
+PRESETS["site_b"] = dataclasses.replace(
+    PRESETS["site_a"],
+    n_patients=6,
+    n_slices=12,
+    kernels=("shepp-logan",),
+    habitus=(0.85, 1.1),
+    dose_ratio=1 / 12,
+    dose_ratio_max=0.2,
+    dicom_variety=True,
+    seed=1000,
+)
 
 
 def _aec_ma(sino: torch.Tensor, pixel_mm: float) -> float:
@@ -232,6 +283,86 @@ def windowed_psnr(
     return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
 
 
+@dataclass(frozen=True)
+class Storage:
+    """How a series' pixels are stored in DICOM (real exports differ)."""
+
+    signed: bool = False
+    intercept: float = -1024.0
+    implicit_vr: bool = False
+
+
+# unsigned pixels need intercept -1024 (air is -1000 HU); signed ones work with either
+STORAGES = (
+    Storage(),
+    Storage(signed=True),
+    Storage(signed=True, intercept=0.0),
+    Storage(signed=True, intercept=0.0, implicit_vr=True),
+    Storage(implicit_vr=True),
+)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """One patient's scan protocol, drawn from the preset's ranges (:func:`draw_protocol`)."""
+
+    kernel: str = "hann"
+    dose_ratio: float = 0.125
+    habitus: float = 1.0
+    storage_ldct: Storage = Storage()
+    storage_ndct: Storage = Storage()
+
+
+def draw_protocol(cfg: SyntheticConfig, index: int) -> Protocol:
+    """The protocol of patient ``index``: kernel, dose ratio, body size and DICOM storage.
+
+    Drawn from a random stream of its own, so that a preset without variety gives the same data as before
+    these options existed.
+
+    Args:
+        cfg: the data set configuration.
+        index: patient number (0-based).
+
+    Returns:
+        The protocol.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, index, 2]))
+    kernel = cfg.kernels[int(rng.integers(len(cfg.kernels)))]
+    high = cfg.dose_ratio if cfg.dose_ratio_max is None else cfg.dose_ratio_max
+    storages = [STORAGES[int(i)] for i in rng.integers(len(STORAGES), size=2)]
+    return Protocol(
+        kernel=kernel,
+        dose_ratio=float(rng.uniform(cfg.dose_ratio, high)),
+        habitus=float(rng.uniform(*cfg.habitus)),
+        storage_ldct=storages[0] if cfg.dicom_variety else Storage(),
+        storage_ndct=storages[1] if cfg.dicom_variety else Storage(),
+    )
+
+
+def exposure_profile(sino: torch.Tensor, pixel_mm: float) -> torch.Tensor:
+    """Relative photons per ray of a bowtie filter and angular tube-current modulation, (views, bins).
+
+    The bowtie passes fewer photons away from the centre of the fan (``exp(-2 (t / 250 mm)^2)``: 73 % at
+    100 mm, 35 % at 180 mm); the tube current follows the square root of each view's attenuation through
+    the central 10 cm (the wide lateral views get more), with a mean of 1 over the views, so the dose set
+    by the exposure control stays the same.
+
+    Args:
+        sino: (S, views, bins) noiseless line integrals of the series (modulation follows their mean).
+        pixel_mm: detector bin size in mm.
+
+    Returns:
+        float64 (views, bins) factors.
+    """
+    n_det = sino.shape[-1]
+    t = (torch.arange(n_det, dtype=torch.float64) - (n_det - 1) / 2) * pixel_mm
+    bowtie = torch.exp(-2.0 * (t / 250.0) ** 2)
+    centre, half = n_det // 2, max(1, round(50.0 / pixel_mm))
+    loss = torch.exp(sino[..., centre - half : centre + half + 1].double()).mean(dim=(0, 2))  # per view
+    modulation = loss.sqrt()
+    return (modulation / modulation.mean())[:, None] * bowtie[None, :]
+
+
 @dataclass
 class _Scan:
     """One simulated patient: both series, their truth and their DICOM tags."""
@@ -248,6 +379,7 @@ class _Scan:
     ldct: np.ndarray
     lowdose_nd: np.ndarray
     table_offset: float
+    protocol: Protocol
     pose: object
     ma_nd: float
     ma_ld: float
@@ -279,6 +411,11 @@ def _simulate_patient(cfg: SyntheticConfig, index: int) -> _Scan:
     centre = -25.0 + rng.uniform(-0.5, 0.5) * spacing
     z_nd = np.round(centre + (np.arange(n) - (n - 1) / 2) * spacing, 2)
     anatomy = random_anatomy(rng, lesion_z=list(z_nd))
+    protocol = draw_protocol(cfg, index)
+    anatomy = with_habitus(anatomy, protocol.habitus) if protocol.habitus != 1.0 else anatomy
+    if cfg.trabecular:
+        trabecular_rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, index, 3]))
+        anatomy.trabecular_k, anatomy.trabecular_phase = random_trabecular(trabecular_rng)
     pose = random_pose(rng, cfg.misalignment)
     z_offset = rng.choice([-1.0, 1.0]) * rng.uniform(1.0, 3.0) * cfg.misalignment  # slice sampling (z) offset
     # a second study (misalignment > 0): its own table position and scan range (own random stream, so
@@ -308,14 +445,19 @@ def _simulate_patient(cfg: SyntheticConfig, index: int) -> _Scan:
     # ray) follows the patient's attenuation, so the noise is similar across patient sizes
     ma_nd = _aec_ma(sino_nd, cfg.pixel_mm) * rng.uniform(0.95, 1.05)
     # (the LDCT's exposure follows the same patient's attenuation, so another scan range keeps the dose ratio)
-    ma_ld = _aec_ma(sino_ld if m == n else sino_nd, cfg.pixel_mm) * rng.uniform(0.95, 1.05) * cfg.dose_ratio
-    photons = cfg.photons_ndct / REFERENCE_MA
+    ma_ld = (
+        _aec_ma(sino_ld if m == n else sino_nd, cfg.pixel_mm) * rng.uniform(0.95, 1.05) * protocol.dose_ratio
+    )
+    photons_nd = photons_ld = torch.tensor(cfg.photons_ndct / REFERENCE_MA, dtype=torch.float64)
+    if cfg.bowtie:
+        photons_nd = photons_nd * exposure_profile(sino_nd, cfg.pixel_mm)
+        photons_ld = photons_ld * exposure_profile(sino_ld, cfg.pixel_mm)
     e_sd = cfg.electronic_noise_sd
-    noisy_nd = add_poisson_noise(sino_nd, photons * ma_nd, e_sd, gen)
-    noisy_ld = add_poisson_noise(sino_ld, photons * ma_ld, e_sd, gen)
-    noisy_lownd = add_poisson_noise(sino_nd, photons * ma_nd * cfg.dose_ratio, e_sd, gen)
+    noisy_nd = add_poisson_noise(sino_nd, photons_nd * ma_nd, e_sd, gen)
+    noisy_ld = add_poisson_noise(sino_ld, photons_ld * ma_ld, e_sd, gen)
+    noisy_lownd = add_poisson_noise(sino_nd, photons_nd * ma_nd * protocol.dose_ratio, e_sd, gen)
     recon = fbp(
-        torch.cat((sino, noisy_nd, noisy_ld, noisy_lownd)), cfg.image_size, cfg.pixel_mm, cfg.filter_name
+        torch.cat((sino, noisy_nd, noisy_ld, noisy_lownd)), cfg.image_size, cfg.pixel_mm, protocol.kernel
     )
     recon = mu_to_hu(recon).numpy()
     clean_nd, clean_ld, ndct, ldct, lowdose_nd = np.split(recon, np.cumsum([n, m, n, m]))
@@ -336,6 +478,7 @@ def _simulate_patient(cfg: SyntheticConfig, index: int) -> _Scan:
         ldct=ldct,
         lowdose_nd=lowdose_nd,
         table_offset=table_offset,
+        protocol=protocol,
         pose=pose,
         ma_nd=ma_nd,
         ma_ld=ma_ld,
@@ -348,6 +491,7 @@ def _simulate_patient(cfg: SyntheticConfig, index: int) -> _Scan:
 def _series_spec(cfg: SyntheticConfig, scan: _Scan, role: str) -> CTSeriesSpec:
     low = role == "ldct"
     ma = scan.ma_ld if low else scan.ma_nd
+    storage = scan.protocol.storage_ldct if low else scan.protocol.storage_ndct
     return CTSeriesSpec(
         patient_id=scan.patient_id,
         patient_name=f"SYNTHETIC^PATIENT{scan.patient_id[-4:]}",
@@ -363,7 +507,10 @@ def _series_spec(cfg: SyntheticConfig, scan: _Scan, role: str) -> CTSeriesSpec:
         tube_current_ma=ma,
         exposure_time_ms=ROTATION_TIME_MS,
         ctdi_vol=round(REFERENCE_CTDI_MGY * ma / REFERENCE_MA, 2),
-        convolution_kernel="STANDARD",
+        convolution_kernel=KERNELS[scan.protocol.kernel],
+        rescale_intercept=storage.intercept,
+        pixel_representation=int(storage.signed),
+        implicit_vr=storage.implicit_vr,
         extra={
             "PatientSex": scan.sex,
             "ReconstructionDiameter": float(cfg.image_size * cfg.pixel_mm),
@@ -475,7 +622,7 @@ def _generate(out: Path, cfg: SyntheticConfig, progress: bool, threads: int) -> 
     set_synthetic_key(out, cfg.seed)
     names_rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 2**31]))
     folders = [f"{names_rng.bytes(1).hex()}/{names_rng.bytes(1).hex()}" for _ in range(6)]
-    manifest, patients = [], []
+    manifest, patients, realism_records = [], [], []
     first = None
     bar = tqdm(range(cfg.n_patients), desc="simulating patients", unit="patient", disable=not progress)
     for i in bar:
@@ -495,10 +642,24 @@ def _generate(out: Path, cfg: SyntheticConfig, progress: bool, threads: int) -> 
             "ctdi_vol_ldct": round(REFERENCE_CTDI_MGY * scan.ma_ld / REFERENCE_MA, 2),
             "ctdi_vol_ndct": round(REFERENCE_CTDI_MGY * scan.ma_nd / REFERENCE_MA, 2),
             "n_lesions": len(scan.anatomy.lesions),
+            "kernel": scan.protocol.kernel,
+            "dose_ratio": round(scan.protocol.dose_ratio, 4),
+            "habitus": round(scan.protocol.habitus, 3),
             "seconds_simulate": round(t1 - t0, 2),
             "seconds_write": round(time.perf_counter() - t1, 2),
         }
         patients.append(stats)
+        realism_records.append(
+            realism.patient_record(
+                scan.ldct,
+                scan.clean_ld,
+                scan.labels_ld,
+                scan.ndct,
+                scan.clean_nd,
+                scan.labels_nd,
+                cfg.pixel_mm,
+            )
+        )
         bar.set_postfix(ld=f"{stats['noise_sd_ldct']:.1f}HU", nd=f"{stats['noise_sd_ndct']:.1f}HU")
         if first is None:
             first = scan
@@ -525,8 +686,9 @@ def _generate(out: Path, cfg: SyntheticConfig, progress: bool, threads: int) -> 
         "patients": patients,
         "torch_threads": threads,
     }
+    summary["realism"] = realism.summarize(realism_records, cfg.pixel_mm, summary["psnr_ldct_abdomen_mean"])
     overview_path = out / "overview.png"
-    save_overview(first, overview_path, hash_identifier(first.patient_id, out))
+    save_overview(first, overview_path, hash_identifier(first.patient_id, out), summary["realism"])
     summary["seconds_total"] = round(time.perf_counter() - start, 2)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if progress:
@@ -554,11 +716,17 @@ def format_summary(summary: dict) -> str:
     lines.append(
         f"total time {summary.get('seconds_total', float('nan')):.1f} s with {summary['torch_threads']} torch thread(s)"
     )
+    if "realism" in summary:
+        lines += ["", *realism.realism_lines(summary["realism"])]
     return "\n".join(lines)
 
 
-def save_overview(scan: _Scan, path: Path, patient_key: str) -> None:
-    """Figure of one patient: clean / NDCT / LDCT / LDCT - clean, on a chest and an abdomen slice."""
+def save_overview(scan: _Scan, path: Path, patient_key: str, realism_report: dict | None = None) -> None:
+    """Figure of one patient: clean / NDCT / LDCT / LDCT - clean, on a chest and an abdomen slice.
+
+    With ``realism_report`` (:func:`ldct_lightning.data.realism.summarize`) a last row shows the data set's
+    noise power spectra, tissue HU against published ranges and noise SD per tissue.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -568,7 +736,8 @@ def save_overview(scan: _Scan, path: Path, patient_key: str) -> None:
     rows = sorted({int(np.argmax(liver_area)), len(scan.z_ld) - 1})
     center, width = ABDOMEN_WINDOW
     lo, hi = center - width / 2, center + width / 2
-    fig, axes = plt.subplots(len(rows), 4, figsize=(16, 4.4 * len(rows) + 0.6), squeeze=False)
+    n_rows = len(rows) + (realism_report is not None)
+    fig, axes = plt.subplots(n_rows, 4, figsize=(16, 4.4 * n_rows + 0.6), squeeze=False)
     colors = plt.cm.tab10(np.linspace(0, 1, 10))
     for r, j in enumerate(rows):
         k = int(np.argmin(np.abs(scan.z_nd - scan.z_ld[j])))  # the NDCT slice nearest in z
@@ -588,9 +757,43 @@ def save_overview(scan: _Scan, path: Path, patient_key: str) -> None:
             if mask.any():
                 axes[r, 0].contour(mask, levels=[0.5], colors=[colors[label]], linewidths=0.8)
                 axes[r, 3].contour(mask, levels=[0.5], colors=[colors[label]], linewidths=0.6)
+    if realism_report is not None:
+        _plot_realism(axes[-1], realism_report)
     handles = [plt.Line2D([], [], color=colors[i], label=LABELS[i]) for i in (1, 2, 3, 4, 9)]
     fig.legend(handles=handles, loc="lower center", ncol=5, frameon=False)
     fig.suptitle(f"synthetic patient {patient_key}: abdomen window C40/W400", fontsize=12)
     fig.tight_layout(rect=(0, 0.03, 1, 0.97))
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _plot_realism(axes: np.ndarray, report: dict) -> None:
+    """Four panels: NPS of both series, tissue HU vs published ranges, noise SD per tissue, the targets."""
+    nps_ax, hu_ax, sd_ax, text_ax = axes
+    for role, curve in report["nps"].items():
+        nps_ax.plot(curve["frequency_cycles_per_mm"], curve["nps_hu2_mm2"], label=role.upper())
+    nps_ax.set(xlabel="cycles/mm", ylabel="NPS (HU² mm²)", title="noise power spectrum (data set mean)")
+    nps_ax.legend(frameon=False)
+    names = list(report["tissue_hu"])
+    for i, name in enumerate(names):
+        hu = report["tissue_hu"][name]
+        low, high = hu["published"]
+        hu_ax.plot([i, i], [low, high], color="0.7", linewidth=8, solid_capstyle="butt")
+        hu_ax.plot(i, hu["measured"], "o", color="C0" if hu["within"] else "C3")
+    hu_ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    hu_ax.set_yscale("symlog", linthresh=100)
+    hu_ax.set(ylabel="HU", title="tissue HU (dot) vs published range (bar)")
+    tissues = list(report["noise_sd_hu"])
+    x = np.arange(len(tissues))
+    for offset, role in ((-0.2, "ldct"), (0.2, "ndct")):
+        sd_ax.bar(x + offset, [report["noise_sd_hu"][t][role] for t in tissues], 0.4, label=role.upper())
+    sd_ax.set_xticks(x, tissues, rotation=45, ha="right", fontsize=8)
+    sd_ax.set(ylabel="noise SD (HU)", title="noise per tissue")
+    sd_ax.legend(frameon=False)
+    text_ax.axis("off")
+    lines = ["targets (SPEC section 2,", "512² at 0.7 mm, dose 1/8):", ""]
+    for key, check in report["targets"].items():
+        low, high = check["target"]
+        lines.append(f"{key}: {check['measured']:.2f}")
+        lines.append(f"   target {low:g}-{high:g}: {'within' if check['within'] else 'OUTSIDE'}")
+    text_ax.text(0.0, 1.0, "\n".join(lines), va="top", family="monospace", fontsize=9)
