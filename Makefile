@@ -24,9 +24,13 @@ BENCH_SIM_ARGS ?= --size 256
 # (the paper-literal stage 2) trained beside METHODS in the same sweep folder
 BENCH_SEEDS ?= 1,2,3
 BENCH_ABLATIONS ?= proposed_eq9
+# make bench-generalize: train on site A's style, test on site B's (presets site_a, site_b), at this size
+GEN_TRAIN ?= data/site_a
+GEN_TEST ?= data/site_b
+GEN_SIM_ARGS ?= --size 256
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo evaluate report baselines data-demo test test-full lint format bench bench-registration bench-quality train-first train-second train-two ablations clean
+.PHONY: help install demo evaluate report baselines data-demo test test-full lint format bench bench-registration bench-quality bench-generalize train-first train-second train-two ablations clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -136,6 +140,18 @@ bench-quality: install  ## every method on the bench preset, same budget, BENCH_
 	$(PYTHON) train.py -m experiment=bench_quality data.root=$(BENCH_DATA) model=attention_unet ablation=$(BENCH_ABLATIONS) seed=$(BENCH_SEEDS) hydra.sweep.dir=$$sweep $(ARGS) || exit $$?; fi; \
 	echo "+ $(PYTHON) -m ldct_lightning.bench_quality --data $(BENCH_DATA) --sweep $$sweep --out bench/quality.json"; \
 	$(PYTHON) -m ldct_lightning.bench_quality --data $(BENCH_DATA) --sweep $$sweep --out bench/quality.json
+
+bench-generalize: install  ## train on site A, test on site B (another kernel, dose, sizes, DICOM) -> bench/generalize.json and .md
+	@for pair in "$(GEN_TRAIN) site_a" "$(GEN_TEST) site_b"; do set -- $$pair; \
+	if [ -f $$1/manifest.csv ]; then echo "# $$1 exists (remove it to remake it)"; \
+	else echo "+ ldct-simulate $$1 --preset $$2 $(GEN_SIM_ARGS)"; ldct-simulate $$1 --preset $$2 $(GEN_SIM_ARGS) || exit $$?; fi; done
+	@sweep=outputs/multiruns/bench_generalize/$$(date +%Y-%m-%d_%H-%M-%S); \
+	echo "+ $(PYTHON) train.py -m experiment=bench_quality data.root=$(GEN_TRAIN) data.n_test=2 model=attention_unet seed=$(BENCH_SEEDS) hydra.sweep.dir=$$sweep $(ARGS)"; \
+	$(PYTHON) train.py -m experiment=bench_quality data.root=$(GEN_TRAIN) data.n_test=2 model=attention_unet seed=$(BENCH_SEEDS) hydra.sweep.dir=$$sweep $(ARGS) || exit $$?; \
+	echo "+ $(PYTHON) -m ldct_lightning.bench_quality --data $(GEN_TRAIN) --sweep $$sweep --evaluation $$sweep/evaluation_site_a --out bench/generalize_site_a.json"; \
+	$(PYTHON) -m ldct_lightning.bench_quality --data $(GEN_TRAIN) --sweep $$sweep --evaluation $$sweep/evaluation_site_a --out bench/generalize_site_a.json || exit $$?; \
+	echo "+ $(PYTHON) -m ldct_lightning.bench_quality --data $(GEN_TEST) --all-test --targets generalize --sweep $$sweep --evaluation $$sweep/evaluation_site_b --out bench/generalize.json"; \
+	$(PYTHON) -m ldct_lightning.bench_quality --data $(GEN_TEST) --all-test --targets generalize --sweep $$sweep --evaluation $$sweep/evaluation_site_b --out bench/generalize.json
 
 clean:  ## remove generated data, outputs, caches
 	@echo "+ rm -rf data outputs logs wandb .pytest_cache .ruff_cache $(VENV)/.install.stamp"

@@ -15,13 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ldct_lightning.baselines.bm3d import (
-    MISSING_MESSAGE,
-    bm3d_available,
-    bm3d_denoise,
-    slice_noise_sd_hu,
-)
+from ldct_lightning.baselines.bm3d import MISSING_MESSAGE, bm3d_available, bm3d_denoise
 from ldct_lightning.baselines.losses import TermLoss
+from ldct_lightning.baselines.noise_level import resolve_sigmas, slice_noise_sd_hu
 from ldct_lightning.models.cyclegan import ResNetGenerator
 from ldct_lightning.models.pix2pix import PatchGANDiscriminator, UNetGenerator
 from ldct_lightning.models.redcnn import REDCNN
@@ -340,8 +336,12 @@ def test_noise_estimate_matches_skimage_on_white_noise() -> None:
     reference = np.array([estimate_sigma(s) for s in noisy])
     np.testing.assert_allclose(ours, 25.0, rtol=0.05)
     np.testing.assert_allclose(ours, reference, rtol=0.05)
-    # air only: no soft tissue, no estimate
-    assert np.isnan(slice_noise_sd_hu(np.full((1, 32, 32), -1000.0))).all()
+    # air only: no soft tissue, no estimate; the per-slice sigma falls back to skimage's, with a warning
+    air = np.full((2, 32, 32), -1000.0) + np.random.default_rng(1).normal(0, 20.0, (2, 32, 32))
+    assert np.isnan(slice_noise_sd_hu(air)).all()
+    with pytest.warns(UserWarning, match="estimate_sigma"):
+        fallback = resolve_sigmas(air, "auto")
+    np.testing.assert_allclose(fallback, [estimate_sigma(s) for s in air])
 
 
 def test_bm3d_reduces_noise_on_a_flat_phantom() -> None:
@@ -364,3 +364,26 @@ def test_bm3d_in_worker_processes_matches_in_process() -> None:
     parallel = bm3d_denoise(noisy, sigma_hu=30.0, workers=2, progress=False)
     # the package is not bit-reproducible from call to call (differences of ~0.03 HU even in one process)
     np.testing.assert_allclose(parallel, serial, atol=0.2)
+
+
+def test_nlm_is_skimage_non_local_means_in_the_unit_domain() -> None:
+    """nlm_denoise = skimage's denoise_nl_means on HU scaled to [0, 1], h = 0.8 sigma, sigma per slice."""
+    from skimage.restoration import denoise_nl_means
+
+    from ldct_lightning.baselines.nlm import nlm_denoise
+    from ldct_lightning.data.normalize import HU_MAX, HU_MIN
+
+    clean, noisy = flat_phantom(2, 48, 30.0)
+    out = nlm_denoise(noisy, sigma_hu="auto", progress=False)
+    assert out.shape == noisy.shape and out.dtype == np.float32
+    assert np.std(out - clean) < 0.4 * np.std(noisy - clean)
+    width = HU_MAX - HU_MIN
+    for i in range(2):
+        sigma = float(slice_noise_sd_hu(noisy[i])[0]) / width
+        unit = np.clip((noisy[i].astype(np.float64) - HU_MIN) / width, 0, 1)
+        expected = denoise_nl_means(
+            unit, h=0.8 * sigma, sigma=sigma, patch_size=5, patch_distance=6, fast_mode=True
+        )
+        np.testing.assert_allclose(out[i], expected * width + HU_MIN, atol=0.05)
+    with pytest.raises(ValueError, match="sigma_hu"):
+        nlm_denoise(noisy, sigma_hu="guess", progress=False)

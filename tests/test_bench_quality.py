@@ -103,6 +103,15 @@ def test_seed_rows_merge_into_mean_and_sd_over_seeds_and_targets_are_checked(tmp
     assert "**not met**" in bench_quality.checks_markdown([rois])
     assert bench_quality.target_checks(rows[:1], below, "proposed") == []
 
+    # generalisation targets, by hand: firstStep 30.5 and proposed 31.5 against LDCT 27 and an NLM row
+    nlm = {"method": "NLM", "psnr_abdomen_db_mean": 31.0}
+    checks = {c["check"]: c for c in bench_quality.generalize_checks([*rows, nlm], below, "proposed")}
+    assert checks["firstStep >= LDCT + 3.0 dB (PSNR abdomen)"]["value"] == pytest.approx(3.5)
+    assert checks["firstStep above NLM (PSNR abdomen, dB)"]["value"] == pytest.approx(-0.5)
+    assert not checks["firstStep above NLM (PSNR abdomen, dB)"]["met"]
+    assert checks["proposed above NLM (PSNR abdomen, dB)"]["met"]
+    assert checks["no ROI of proposed (any seed) below the input (PSNR abdomen)"]["value"] == ["bone_band"]
+
 
 MODELS = {
     "proposed": "attention_unet",
@@ -138,7 +147,8 @@ def test_every_method_of_a_sweep_is_in_the_quality_table(tiny_dataset: Path, tmp
     result = json.loads(out.read_text())
     names = [row["method"] for row in result["methods"]]
     expected = ["LDCT", "proposed", "redcnn", "pix2pix", "cyclegan", "oracle", "firstStep"]
-    assert sorted(n for n in names if n != "BM3D") == sorted(expected)
+    assert "NLM" in names  # the classical baseline that needs no extra
+    assert sorted(n for n in names if n not in ("BM3D", "NLM")) == sorted(expected)
     for row in result["methods"]:
         assert np.isfinite([row["psnr_abdomen_db_mean"], row["ssim_abdomen_mean"], row["rmse_hu_mean"]]).all()
     proposed = next(j for j in result["jobs"] if j["name"] == "proposed")
@@ -183,6 +193,22 @@ def test_every_method_of_a_sweep_is_in_the_quality_table(tiny_dataset: Path, tmp
     assert len(per_patient) == len(split["test"]) == result["data"]["n_test_patients"]
     ldct_row = result["methods"][names.index("LDCT")]
     assert ldct_row["psnr_abdomen_db_mean"] == pytest.approx(np.mean(per_patient), rel=1e-4)
+
+    # the same models on a data set they never saw (here the same one): every patient is a test patient
+    out_b = tmp_path / "bench" / "generalize.json"
+    argv = ["--data", str(tiny_dataset), "--sweep", str(sweep), "--all-test", "--targets", "generalize"]
+    argv += ["--evaluation", str(sweep / "evaluation_b"), "--out", str(out_b)]
+    assert bench_quality.main(argv) == 0
+    result_b = json.loads(out_b.read_text())
+    n_patients = len(list((tiny_dataset / "truth").glob("*.npz")))
+    assert result_b["data"]["n_test_patients"] == n_patients > len(split["test"])
+    assert result_b["targets"] == "generalize"
+    checks = {c["check"] for c in result_b["checks"]}
+    assert (
+        "firstStep above NLM (PSNR abdomen, dB)" in checks
+        and "proposed >= LDCT + 3.0 dB (PSNR abdomen)" in checks
+    )
+    assert yaml.safe_load((tiny_dataset / "split.yaml").read_text()) == split  # the training split is kept
 
 
 def test_missing_sweep_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

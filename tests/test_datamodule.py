@@ -277,6 +277,8 @@ def test_fit_with_lightning(dataset: Path, tmp_path: Path) -> None:
         ({"noise": {"kind": "gaussian", "sigma_hu": -3}}, "data.noise.sigma_hu"),
         ({"noise": {"kind": "gaussian", "photons_per_ray": 1e4}}, "data.noise.photons_per_ray"),
         ({"noise": {"kind": "projection", "photons_per_ray": 0}}, "data.noise.photons_per_ray"),
+        ({"noise": {"kind": "gaussian", "sigma_hu": 20, "sigma_scale": [2, 1]}}, "data.noise.sigma_scale"),
+        ({"noise": {"kind": "projection", "sigma_scale": [0.5, 2]}}, "data.noise.sigma_scale"),
         ({"manifest": "/no/such/manifest.csv"}, "data.manifest"),
         ({"train_ldct": "aligned"}, "data.train_ldct"),
         ({"root": "???"}, "data.root"),
@@ -300,6 +302,16 @@ def test_data_dependent_errors_at_setup(dataset: Path, tmp_path: Path, kwargs: d
     root = tmp_path / "missing" if kwargs.pop("root", None) == "MISSING" else dataset
     with pytest.raises(DataConfigError, match=key):
         make_dm(root, tmp_path, **kwargs).setup("fit")
+
+
+def test_a_set_of_test_patients_only_serves_testing(dataset: Path, tmp_path: Path) -> None:
+    """Another site's data, all of it test patients: testing works, training says why it cannot."""
+    dm = make_dm(dataset, tmp_path, n_val=0.0, n_test=1.0)
+    dm.setup("test")
+    assert len(dm.patients("test")) == len(dm.studies) >= 2 and not dm.split.train
+    assert len(dm.test_dataset) == sum(p.ldct.shape[0] for p in dm.patients("test"))
+    with pytest.raises(DataConfigError, match="no training patient"):
+        dm.setup("fit")
 
 
 def test_projection_noise_mode(dataset: Path, tmp_path: Path) -> None:

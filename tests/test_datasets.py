@@ -350,3 +350,18 @@ def test_projection_noise_is_reproducible_zero_mean_and_calibrates() -> None:
         stack, torch.Generator().manual_seed(2)
     )
     assert float(check.std()) == pytest.approx(15.0, rel=0.1)
+
+
+def test_gaussian_noise_scale_range_draws_log_uniform_sds() -> None:
+    """Per call one SD, sigma * exp(U(log low, log high)): the SDs of many crops span the range, their
+    log is uniform (mean = log-midpoint, by hand), and the default range is the plain model."""
+    rng = np.random.default_rng(0)
+    model = GaussianNoise(20.0, (0.5, 2.0))
+    sds = np.array([np.std(model(np.zeros((64, 64), np.float32), rng)) for _ in range(400)])
+    assert sds.min() == pytest.approx(10.0, rel=0.1) and sds.max() == pytest.approx(40.0, rel=0.1)
+    assert np.mean(np.log(sds / 20.0)) == pytest.approx(0.0, abs=0.06)  # (log 0.5 + log 2) / 2 = 0
+    a = GaussianNoise(20.0)(np.zeros((8, 8), np.float32), np.random.default_rng(1))
+    b = GaussianNoise(20.0, (1.0, 1.0))(np.zeros((8, 8), np.float32), np.random.default_rng(1))
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="scale_range"):
+        GaussianNoise(20.0, (2.0, 1.0))

@@ -283,3 +283,19 @@ def test_split_file_detects_changed_inputs_and_parameters(tmp_path):
     with pytest.raises(PairingError, match="other data") as err:
         load_or_create_split(path, studies, n_val=2, n_test=3, seed=0)
     assert str(path) in str(err.value) and "Delete" in str(err.value)
+
+
+def test_all_as_a_split_size_makes_every_patient_a_test_patient(studies64):
+    import argparse
+
+    from ldct_lightning.data.split_defaults import split_params, split_size
+
+    assert split_size("all") == "all" and split_size("0.25") == 0.25
+    with pytest.raises(argparse.ArgumentTypeError, match="'most'"):
+        split_size("most")
+    params = split_params(
+        Path("/nonexistent/split.yaml"), {"n_val": 2, "n_test": 3, "split_seed": 0}, 0.0, "all"
+    )
+    assert params == {"n_val": 0.0, "n_test": 1.0, "split_seed": 0}
+    split = make_split(studies64, params["n_val"], params["n_test"], 0)
+    assert len(split.test) == 64 and not split.train and not split.val

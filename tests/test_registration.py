@@ -315,7 +315,9 @@ def test_data_summary_prints_each_studys_registration_and_writes_its_figure(
         assert (figures / f"{key}.png").is_file()
 
 
-def test_stage2_registered_term_is_a_masked_l1_on_by_default_off_in_the_paper_letter(tiny_dataset: Path, tmp_path: Path) -> None:
+def test_stage2_registered_term_is_a_masked_l1_on_by_default_off_in_the_paper_letter(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
     import torch
 
     from ldct_lightning.modules.stage2 import masked_l1
@@ -339,7 +341,9 @@ def test_stage2_registered_term_is_a_masked_l1_on_by_default_off_in_the_paper_le
 
     # on by default in stage 2; the paper's letter and proposed_unregistered switch it off
     cfg = tiny_cfg(tiny_dataset, tmp_path / "run", [])
-    assert cfg.stages.second.module.registered_weight > 0 and cfg.stages.second.data.unaligned_registered is True
+    assert (
+        cfg.stages.second.module.registered_weight > 0 and cfg.stages.second.data.unaligned_registered is True
+    )
     for ablation in ("proposed_eq9", "proposed_unregistered"):
         cfg = tiny_cfg(tiny_dataset, tmp_path / "run", [f"ablation={ablation}"])
         second = cfg.stages.second

@@ -20,7 +20,13 @@ from pathlib import Path
 
 from ldct_lightning.data.datamodule import LDCTDataModule
 from ldct_lightning.data.noise import estimate_noise_sd_hu
-from ldct_lightning.data.split_defaults import data_config_kind, data_split_defaults, split_params
+from ldct_lightning.data.realism import realism_lines
+from ldct_lightning.data.split_defaults import (
+    data_config_kind,
+    data_split_defaults,
+    split_params,
+    split_size,
+)
 from ldct_lightning.errors import LDCTError
 from ldct_lightning.registration.figures import save_registration_figure
 
@@ -70,7 +76,8 @@ def registration_lines(dm: LDCTDataModule, figures: Path | None) -> list[str]:
 
 
 def synthetic_noise_lines(root: Path) -> list[str]:
-    """The synthetic generator's own noise measurement (noisy minus noiseless, in a liver ROI)."""
+    """The synthetic generator's own measurements: noise (noisy minus noiseless, in a liver ROI) and, for
+    sets made since it exists, the realism report (tissue HU, noise per tissue, NPS, SPEC targets)."""
     summary_file = root / "summary.json"
     if not summary_file.is_file():
         return []
@@ -82,6 +89,8 @@ def synthetic_noise_lines(root: Path) -> list[str]:
     for key in ("noise_measure", "psnr_measure"):
         if key in summary:
             lines.append(f"  {key}: {summary[key]}")
+    if "realism" in summary:
+        lines += ["", *realism_lines(summary["realism"])]
     return lines
 
 
@@ -104,11 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manifest", type=Path, default=None, help="CSV/YAML with each series' role")
     parser.add_argument(
         "--n-val",
-        type=float,
+        type=split_size,
         default=None,
         help="validation patients (count or fraction; default: the split file's, else the data config's)",
     )
-    parser.add_argument("--n-test", type=float, default=None, help="test patients (count or fraction)")
+    parser.add_argument(
+        "--n-test", type=split_size, default=None, help="test patients (count, fraction or all)"
+    )
     parser.add_argument("--strict", action="store_true", help="stop at the first bad file or series")
     parser.add_argument(
         "--figures",

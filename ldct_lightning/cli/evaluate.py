@@ -14,12 +14,21 @@ import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
-from ldct_lightning.data.split_defaults import data_config_kind, data_split_defaults, split_params
+from ldct_lightning.data.split_defaults import (
+    data_config_kind,
+    data_split_defaults,
+    split_params,
+    split_size,
+)
 from ldct_lightning.errors import LDCTError
 from ldct_lightning.eval.run_names import seeded_name
+
+if TYPE_CHECKING:
+    from ldct_lightning.eval.evaluate import Method
 
 PROG = "ldct-evaluate"
 
@@ -80,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="add a BM3D row (optional extra `pip install -e .[bm3d]`, non-commercial licence); noise SD in "
         "HU, default auto (estimated per slice)",
     )
+    p.add_argument(
+        "--nlm",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="SIGMA_HU",
+        help="add a non-local means row (scikit-image); noise SD in HU, default auto (estimated per slice)",
+    )
     p.add_argument("--proposed", help="the method every other one is tested against (one of the NAMEs)")
     p.add_argument(
         "--out", type=Path, required=True, help="report folder (must be new or empty, or --overwrite)"
@@ -91,8 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--split-file", type=Path, default=None, help="patient split file (default <data>/split.yaml)"
     )
-    p.add_argument("--n-val", type=float, default=None, help="validation patients when a new split is made")
-    p.add_argument("--n-test", type=float, default=None, help="test patients when a new split is made")
+    p.add_argument(
+        "--n-val",
+        type=split_size,
+        default=None,
+        help="validation patients when a new split is made (count, fraction or all)",
+    )
+    p.add_argument(
+        "--n-test",
+        type=split_size,
+        default=None,
+        help="test patients when a new split is made (count, fraction or all)",
+    )
     p.add_argument("--split-seed", type=int, default=None, help="seed when a new split is made")
     p.add_argument(
         "--manifest", type=Path, default=None, help="series roles manifest (default <data>/manifest.csv)"
@@ -197,6 +224,25 @@ def _check_out(out: Path, overwrite: bool) -> None:
         )
 
 
+def _classical_method(name: str, sigma: str) -> Method:
+    """The BM3D or NLM row from its option's value (a noise SD in HU or ``auto``)."""
+    from ldct_lightning.eval.evaluate import bm3d_method, nlm_method
+
+    option = f"--{name.lower()}"
+    value: float | str = sigma
+    if sigma != "auto":
+        try:
+            value = float(sigma)
+        except ValueError:
+            raise EvaluateCLIError(f"{option} {sigma!r}: give a noise SD in HU or 'auto'") from None
+        if not value > 0:
+            raise EvaluateCLIError(f"{option} {sigma!r}: the noise SD must be > 0 HU")
+    try:
+        return bm3d_method(name, value) if name == "BM3D" else nlm_method(name, value)
+    except ImportError as e:
+        raise EvaluateCLIError(f"{option}: {e}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     """Carry out the command; raises the library's errors for :func:`main` to report."""
     from ldct_lightning.eval.report import write_report
@@ -212,7 +258,8 @@ def run(args: argparse.Namespace) -> int:
         raise EvaluateCLIError("--data is required: the data folder (DICOM tree or synthetic set)")
     if not args.data.is_dir():
         raise EvaluateCLIError(f"--data {args.data}: not a folder. Give the data set's folder")
-    if not args.method and args.bm3d is None and args.sweep is None:
+    classical = {name: sigma for name, sigma in (("BM3D", args.bm3d), ("NLM", args.nlm)) if sigma is not None}
+    if not args.method and not classical and args.sweep is None:
         raise EvaluateCLIError("no --method given: add --method NAME=CHECKPOINT (one per method)")
     methods = parse_methods(args.method)
     if args.sweep is not None:
@@ -220,9 +267,12 @@ def run(args: argparse.Namespace) -> int:
             if name in methods:
                 raise EvaluateCLIError(f"--sweep {args.sweep}: method {name!r} is also given by --method")
             methods[name] = ckpt
-    names = [*methods, *(["BM3D"] if args.bm3d is not None else [])]
-    if args.bm3d is not None and "BM3D" in methods:
-        raise EvaluateCLIError("--bm3d adds a row named BM3D: rename the --method called BM3D")
+    names = [*methods, *classical]
+    for name in classical:
+        if name in methods:
+            raise EvaluateCLIError(
+                f"--{name.lower()} adds a row named {name}: rename the --method called {name}"
+            )
     if args.proposed is None:
         if len(names) != 1:
             raise EvaluateCLIError(f"--proposed is required with several methods: one of {names}")
@@ -242,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
     _check_out(args.out, args.overwrite)
 
     from ldct_lightning.data.datamodule import LDCTDataModule
-    from ldct_lightning.eval.evaluate import bm3d_method, checkpoint_method, evaluate
+    from ldct_lightning.eval.evaluate import checkpoint_method, evaluate
     from ldct_lightning.eval.rois import read_boxes
 
     if args.boxes is not None:
@@ -251,17 +301,8 @@ def run(args: argparse.Namespace) -> int:
         name: checkpoint_method(ckpt, name, device=args.device, batch_size=args.batch_size, tile=args.tile)
         for name, ckpt in methods.items()
     }
-    if args.bm3d is not None:
-        sigma: float | str = args.bm3d
-        if sigma != "auto":
-            try:
-                sigma = float(sigma)
-            except ValueError:
-                raise EvaluateCLIError(f"--bm3d {args.bm3d!r}: give a noise SD in HU or 'auto'") from None
-        try:
-            loaded["BM3D"] = bm3d_method("BM3D", sigma)
-        except ImportError as e:
-            raise EvaluateCLIError(f"--bm3d: {e}") from None
+    for name, sigma in classical.items():
+        loaded[name] = _classical_method(name, sigma)
     split = _split_params(args)
     datamodule = LDCTDataModule(
         args.data,

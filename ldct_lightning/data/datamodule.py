@@ -58,7 +58,7 @@ REGISTRATION_MODES = ("auto", "always", "off")
 TRAIN_LDCT_SOURCES = ("series", "truth")
 NOISE_KINDS = ("gaussian", "projection")
 _NOISE_KEYS = {
-    "gaussian": {"kind", "sigma_hu"},
+    "gaussian": {"kind", "sigma_hu", "sigma_scale"},
     "projection": {"kind", "sigma_hu", "photons_per_ray", "electronic_noise_sd", "n_views"},
 }
 
@@ -305,6 +305,18 @@ class LDCTDataModule(L.LightningDataModule):
         sigma = cfg["sigma_hu"]
         if sigma != "auto" and (not _is_number(sigma) or sigma < 0):
             raise DataConfigError(f"data.noise.sigma_hu={sigma!r}: must be a number >= 0 (HU) or 'auto'")
+        if kind == "gaussian":
+            scale = cfg.setdefault("sigma_scale", [1.0, 1.0])
+            if not (
+                isinstance(scale, list | tuple)
+                and len(scale) == 2
+                and all(_is_number(v) for v in scale)
+                and 0 < scale[0] <= scale[1]
+            ):
+                raise DataConfigError(
+                    f"data.noise.sigma_scale={scale!r}: must be [low, high] factors with 0 < low <= high "
+                    "(e.g. [0.5, 2.0]; [1, 1] = sigma_hu only)"
+                )
         if kind == "projection":
             cfg.setdefault("photons_per_ray", None)
             cfg.setdefault("electronic_noise_sd", 0.0)
@@ -390,11 +402,6 @@ class LDCTDataModule(L.LightningDataModule):
         self.split = load_or_create_split(
             self.split_file, self.studies, self.n_val, self.n_test, self.split_seed, write=self.write_split
         )
-        if not self.split.train:
-            raise DataConfigError(
-                f"data.n_val={self.n_val!r}, data.n_test={self.n_test!r}: no training patient is left of "
-                f"{len(self.studies)}. Lower n_val/n_test or add patients"
-            )
         by_key = {s.patient_key: s for s in self.studies}
         self._studies_by_key = by_key
         keys = [k for part in (self.split.train, self.split.val, self.split.test) for k in part]
@@ -566,6 +573,7 @@ class LDCTDataModule(L.LightningDataModule):
 
     def _resolve_noise(self) -> None:
         """Resolve ``sigma_hu: auto`` and projection photons from the training series (once)."""
+        self._require_train()
         if self._noise_model is not None:
             return
         cfg = dict(self.noise_cfg)
@@ -587,7 +595,8 @@ class LDCTDataModule(L.LightningDataModule):
         info["sigma_hu"] = sigma
         self._val_noise = GaussianNoise(sigma)
         if cfg["kind"] == "gaussian":
-            self._noise_model = GaussianNoise(sigma)
+            self._noise_model = GaussianNoise(sigma, tuple(cfg["sigma_scale"]))
+            info["sigma_scale"] = list(cfg["sigma_scale"])
         else:
             n_views = cfg["n_views"] or self.crop_size
             pixel_mm = float(
@@ -664,7 +673,16 @@ class LDCTDataModule(L.LightningDataModule):
                 self.patients("test"), "eval", None, None, self.seed, self.hu_min, self.hu_max
             )
 
+    def _require_train(self) -> None:
+        """Training (and the noise level it estimates) needs training patients; testing alone does not."""
+        if not self.split.train:
+            raise DataConfigError(
+                f"data.n_val={self.n_val!r}, data.n_test={self.n_test!r}: no training patient is left of "
+                f"{len(self.studies)}. Lower n_val/n_test or add patients"
+            )
+
     def _train_dataset(self) -> Any:
+        self._require_train()
         train = self.patients("train")
         smallest = min((v.shape[1:] for p in train for v in (p.ldct, p.ndct)), key=min)
         if self.crop_size > min(smallest):

@@ -40,23 +40,33 @@ def _like(result: torch.Tensor, hu: np.ndarray | torch.Tensor) -> np.ndarray | t
 class GaussianNoise:
     """Add white Gaussian noise of ``sigma_hu`` (the paper's stage-1 simulation).
 
+    With a ``scale_range`` every call (one crop) draws its own SD, ``sigma_hu`` times a factor
+    log-uniform in the range: a network trained so sees a range of noise levels instead of one
+    scanner's, as the blind DnCNN of Zhang et al. 2017 (IEEE TIP 26:3142) does.
+
     Args:
         sigma_hu: noise SD in HU (>= 0).
+        scale_range: ``(low, high)`` factors on ``sigma_hu``, ``0 < low <= high`` (default: exactly
+            ``sigma_hu``).
 
     Example:
         >>> noisy = GaussianNoise(25.0)(crop_hu, np.random.default_rng(0))
     """
 
-    def __init__(self, sigma_hu: float) -> None:
+    def __init__(self, sigma_hu: float, scale_range: tuple[float, float] = (1.0, 1.0)) -> None:
         if not sigma_hu >= 0:
             raise ValueError(f"sigma_hu must be a number >= 0, got {sigma_hu}")
+        low, high = (float(v) for v in scale_range)
+        if not 0 < low <= high:
+            raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {scale_range}")
         self.sigma_hu = float(sigma_hu)
+        self.scale_range = (low, high)
         self._torch_generator: torch.Generator | None = None
 
     def __call__(
         self, hu: np.ndarray | torch.Tensor, generator: Generator = None
     ) -> np.ndarray | torch.Tensor:
-        """Return ``hu + N(0, sigma_hu^2)`` as float32, same type (numpy or torch) as ``hu``.
+        """Return ``hu + N(0, sigma^2)`` as float32, same type (numpy or torch) as ``hu``.
 
         Args:
             hu: image(s) in HU.
@@ -66,9 +76,15 @@ class GaussianNoise:
             The noisy image.
         """
         x = _as_tensor(hu)
+        gen = self._generator(generator)
+        sigma = self.sigma_hu
+        low, high = self.scale_range
+        if high > low:
+            u = float(torch.rand((), generator=gen))
+            sigma *= math.exp(math.log(low) + u * (math.log(high) - math.log(low)))
         # torch.randn is about twice as fast as numpy's normal sampler for crop-sized arrays
-        noise = torch.randn(x.shape, generator=self._generator(generator), dtype=torch.float32)
-        return _like(noise.mul_(self.sigma_hu).add_(x), hu)
+        noise = torch.randn(x.shape, generator=gen, dtype=torch.float32)
+        return _like(noise.mul_(sigma).add_(x), hu)
 
     def _generator(self, generator: Generator) -> torch.Generator | None:
         if isinstance(generator, np.random.Generator):
@@ -79,10 +95,11 @@ class GaussianNoise:
         return generator
 
     def __getstate__(self) -> dict:
-        return {"sigma_hu": self.sigma_hu, "_torch_generator": None}
+        return {"sigma_hu": self.sigma_hu, "scale_range": self.scale_range, "_torch_generator": None}
 
     def __repr__(self) -> str:
-        return f"GaussianNoise(sigma_hu={self.sigma_hu:g})"
+        scale = "" if self.scale_range == (1.0, 1.0) else f", scale_range={self.scale_range}"
+        return f"GaussianNoise(sigma_hu={self.sigma_hu:g}{scale})"
 
 
 class ProjectionNoise:

@@ -7,6 +7,7 @@ would refuse.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +37,21 @@ def data_split_defaults(kind: str) -> dict[str, Any]:
     return {key: cfg.data[key] for key in ("n_val", "n_test", "split_seed")}
 
 
+def split_size(text: str) -> float | str:
+    """``argparse`` type of ``--n-val``/``--n-test``: a count, a fraction below 1, or ``all``."""
+    if text.strip().lower() == "all":
+        return "all"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a count, a fraction below 1, or 'all'") from None
+
+
 def split_params(
     split_file: Path,
     defaults: dict[str, Any],
-    n_val: float | None = None,
-    n_test: float | None = None,
+    n_val: float | str | None = None,
+    n_test: float | str | None = None,
     split_seed: int | None = None,
 ) -> dict[str, Any]:
     """Split parameters: the given ones, else those stored in an existing split file, else ``defaults``.
@@ -48,7 +59,7 @@ def split_params(
     Args:
         split_file: the split file (it may not exist).
         defaults: from :func:`data_split_defaults`.
-        n_val: validation patients (count, or fraction when below 1), or None.
+        n_val: validation patients (count, or fraction when below 1), ``"all"``, or None.
         n_test: test patients, or None.
         split_seed: seed, or None.
 
@@ -62,7 +73,9 @@ def split_params(
         except (yaml.YAMLError, AttributeError):
             stored = {}
 
-    def pick(value: float | None, key: str, count_key: str) -> Any:
+    def pick(value: float | str | None, key: str, count_key: str) -> Any:
+        if value == "all":
+            return 1.0  # a fraction: every patient
         if value is not None:
             return int(value) if float(value).is_integer() and value >= 1 else value
         return stored.get(key, stored.get(count_key, defaults[key]))

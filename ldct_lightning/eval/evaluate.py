@@ -222,6 +222,18 @@ def bm3d_method(name: str = "BM3D", sigma_hu: float | str = "auto", workers: int
     return Method(name, run, f"BM3D (Dabov et al. 2007), sigma {sigma_hu} HU, slice by slice", config)
 
 
+def nlm_method(name: str = "NLM", sigma_hu: float | str = "auto") -> Method:
+    """The non-local means baseline (:func:`ldct_lightning.baselines.nlm.nlm_denoise`, scikit-image)."""
+    from ldct_lightning.baselines.nlm import H_OVER_SIGMA, nlm_denoise
+
+    def run(hu: np.ndarray) -> np.ndarray:
+        return nlm_denoise(hu, sigma_hu=sigma_hu, progress=False)
+
+    config = {"kind": "nlm", "sigma_hu": sigma_hu, "h_over_sigma": H_OVER_SIGMA, "domain": "hu_to_unit"}
+    description = f"non-local means (scikit-image, fast mode, h = {H_OVER_SIGMA} sigma), sigma {sigma_hu} HU"
+    return Method(name, run, description, config)
+
+
 def _as_method(name: str, method: Method | Callable[[np.ndarray], np.ndarray]) -> Method:
     if isinstance(method, Method):
         if method.name != name:
