@@ -7,7 +7,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from ldct_lightning.data.synthetic import PRESETS, SyntheticConfig, generate_dataset
+from ldct_lightning.data.synthetic import KERNELS, PRESETS, SyntheticConfig, generate_dataset
 
 EPILOG = """
 presets:
@@ -23,12 +23,14 @@ output (OUT):
   dicom/...              2 DICOM series per patient (LDCT ~1.5 mGy, NDCT ~12 mGy), random file names
   truth/<patient>.npz    noiseless reconstructions and ROI labels aligned with each series
   manifest.csv           series_uid, role (ldct|ndct), aligned
-  labels.json, summary.json (measured noise, PSNR, timing), overview.png
+  labels.json, summary.json (measured noise, PSNR, timing, realism report: tissue HU, noise per
+                         tissue, NPS peak, SPEC targets), overview.png (with the realism panels)
 
 examples:
   ldct-simulate data/demo --preset demo
   ldct-simulate data/small --preset demo --patients 4 --slices 6 --size 128
   ldct-simulate data/aligned --preset tiny --misalignment 0 --overwrite
+  ldct-simulate data/sharp --preset site_a --size 256 --kernel ramp --seed 7   # another site's style
 """
 
 
@@ -57,6 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--dose-ratio", type=float, help="LDCT / NDCT dose (default 0.125, as in the paper)")
     parser.add_argument(
+        "--dose-ratio-max",
+        type=float,
+        help="draw each patient's dose ratio from [--dose-ratio, this] (protocols that differ per patient)",
+    )
+    parser.add_argument(
+        "--kernel",
+        action="append",
+        choices=sorted(KERNELS),
+        help="reconstruction kernel (FBP filter), repeat for a per-patient mix (default: the preset's; "
+        "hann = smooth soft tissue, ramp = sharp)",
+    )
+    parser.add_argument(
         "--misalignment", type=float, help="scale of the LDCT pose change (0 = aligned pairs, default 1)"
     )
     parser.add_argument("--seed", type=int, help="random seed (default 0); the same seed gives the same data")
@@ -82,6 +96,10 @@ def config_from_args(args: argparse.Namespace) -> SyntheticConfig:
         changes["n_slices"] = args.slices
     if args.dose_ratio is not None:
         changes["dose_ratio"] = args.dose_ratio
+    if args.dose_ratio_max is not None:
+        changes["dose_ratio_max"] = args.dose_ratio_max
+    if args.kernel:
+        changes["kernels"] = tuple(args.kernel)
     if args.misalignment is not None:
         changes["misalignment"] = args.misalignment
     if args.seed is not None:
