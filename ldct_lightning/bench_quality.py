@@ -377,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--all-test",
         action="store_true",
         help="every patient of --data is a test patient (a data set the models never saw; a new split "
-        "file SWEEP/evaluation_split.yaml)",
+        "file beside the evaluation folder, <EVALUATION>_split.yaml)",
     )
     p.add_argument("--device", default="cpu", help="evaluation device: cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--max-slices", type=int, default=None, help="at most N slices per test patient")
