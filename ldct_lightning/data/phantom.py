@@ -268,12 +268,7 @@ def trabecular_bone(
     Returns:
         float32 HU at the points.
     """
-    k = torch.as_tensor(anatomy.trabecular_k, dtype=x.dtype)
-    phase = torch.as_tensor(anatomy.trabecular_phase, dtype=x.dtype)
-    field_ = torch.zeros_like(x)
-    for i in range(k.shape[0]):
-        field_ += torch.cos(k[i, 0] * x + k[i, 1] * y + k[i, 2] * z + phase[i])
-    field_ = field_ * math.sqrt(2.0 / k.shape[0])
+    field_ = plane_wave_field(anatomy.trabecular_k, anatomy.trabecular_phase, x, y, z)
     sheet = torch.sigmoid((TRABECULAR_HALF_WIDTH - field_.abs()) / 0.1)
     sheet_hu = MARROW_SPACE_HU + (mean_hu - MARROW_SPACE_HU) / TRABECULAR_FILL
     return MARROW_SPACE_HU + (sheet_hu - MARROW_SPACE_HU) * sheet
@@ -327,14 +322,30 @@ def _ellipsoid_scale(z: torch.Tensor, cz: float, hz: float) -> torch.Tensor:
     return (1.0 - ((z - cz) / hz) ** 2).clamp_min(0.0).sqrt()
 
 
+def plane_wave_field(
+    k: np.ndarray, phase: np.ndarray, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor
+) -> torch.Tensor:
+    """A zero-mean, unit-variance random field: the normalised sum of plane waves ``cos(k . p + phase)``.
+
+    Args:
+        k: (K, 3) wave vectors in rad/mm.
+        phase: (K,) phases.
+        x, y, z: points in mm (any one shape).
+
+    Returns:
+        The field at the points, the dtype of ``x``.
+    """
+    k_t = torch.as_tensor(k, dtype=x.dtype)
+    phase_t = torch.as_tensor(phase, dtype=x.dtype)
+    out = torch.zeros_like(x)
+    for i in range(k_t.shape[0]):
+        out += torch.cos(k_t[i, 0] * x + k_t[i, 1] * y + k_t[i, 2] * z + phase_t[i])
+    return out * math.sqrt(2.0 / k_t.shape[0])
+
+
 def texture(anatomy: Anatomy, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """Smooth zero-mean, unit-variance tissue texture (a sum of random plane waves)."""
-    k = torch.as_tensor(anatomy.texture_k, dtype=x.dtype)
-    phase = torch.as_tensor(anatomy.texture_phase, dtype=x.dtype)
-    out = torch.zeros_like(x)
-    for i in range(k.shape[0]):
-        out += torch.cos(k[i, 0] * x + k[i, 1] * y + k[i, 2] * z + phase[i])
-    return out * math.sqrt(2.0 / k.shape[0])
+    return plane_wave_field(anatomy.texture_k, anatomy.texture_phase, x, y, z)
 
 
 class _Canvas:

@@ -50,7 +50,8 @@ TARGETS: dict[str, tuple[float, float]] = {
 }
 
 
-def _eroded(labels: np.ndarray, label: int, iterations: int) -> np.ndarray:
+def eroded_label(labels: np.ndarray, label: int, iterations: int) -> np.ndarray:
+    """The mask of ``label`` in (S, H, W) ``labels``, eroded ``iterations`` pixels within each slice."""
     structure = np.zeros((3, 3, 3), dtype=bool)
     structure[1] = ndimage.generate_binary_structure(2, 1)  # within each slice
     return ndimage.binary_erosion(labels == label, structure, iterations=iterations)
@@ -73,7 +74,7 @@ def tissue_stats(
     """
     out: dict[str, dict[str, float]] = {}
     for name, label in TISSUES.items():
-        mask = _eroded(labels, label, erode_px)
+        mask = eroded_label(labels, label, erode_px)
         if mask.sum() >= 20:
             noise = (noisy - clean)[mask]
             out[name] = {

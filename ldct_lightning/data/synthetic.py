@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from pydicom.uid import generate_uid
-from scipy import ndimage
 from tqdm.auto import tqdm
 
 from ldct_lightning.data import realism
@@ -264,10 +263,7 @@ def liver_noise_sd(noisy: np.ndarray, clean: np.ndarray, labels: np.ndarray, pix
     Returns:
         The SD, or NaN when no liver pixel survives the erosion.
     """
-    iterations = max(1, round(5.0 / pixel_mm))
-    structure = np.zeros((3, 3, 3), dtype=bool)
-    structure[1] = ndimage.generate_binary_structure(2, 1)  # erode within each slice only
-    mask = ndimage.binary_erosion(labels == LIVER, structure, iterations=iterations)
+    mask = realism.eroded_label(labels, LIVER, max(1, round(5.0 / pixel_mm)))
     if mask.sum() < 10:
         return float("nan")
     return float(np.std((noisy - clean)[mask]))
