@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ldct_lightning.allocator import keep_freed_memory
 from ldct_lightning.atomic import write_text_atomic
 
 TARGETS = {"cache_slices_per_s": 100.0, "crops_per_s_one_worker": 5000.0}
@@ -208,7 +209,7 @@ DENOISE_VARIANTS: dict[str, tuple[list[str], dict[str, Any]]] = {
     "torch_bf16": (["--precision", "bf16"], {"fold_bn": True, "channels_last": True, "half": "bf16"}),
 }
 DENOISE_TARGETS = {"e2e_slices_per_s_512": 2.0, "e2e_slices_per_s_512_goal": 3.0}
-DENOISE_BATCH = 4
+DENOISE_BATCH = 2  # ldct-denoise's default
 
 
 def _ct_slices(n: int, size: int = 512, seed: int = 0) -> np.ndarray:
@@ -265,9 +266,48 @@ def _denoise_subprocess(series_dir: Path, checkpoint: Path, out: Path, flags: li
     return {"process_wall_s": wall, **child}
 
 
+def matmul_gflops(dtype: torch.dtype, n: int = 4096, repeat: int = 3) -> float:
+    """Measured GFLOP/s of an ``n`` x ``n`` matmul in ``dtype`` on the bench device: the roofline the network
+    is compared with (oneDNN/MKL run matmuls near the cores' peak)."""
+    device = _device()
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+
+    def mm() -> None:
+        a @ b
+        _sync()
+
+    return 2 * n**3 / _timeit(mm, repeat=repeat) / 1e9
+
+
+def roofline(s_per_slice: dict[str, float], gflops_per_slice: float) -> dict[str, Any]:
+    """Each path's achieved GFLOP/s against the matmul speed of its precision, and the network-only ceiling.
+
+    Args:
+        s_per_slice: path name -> network-only seconds per slice (``torch_bf16`` is compared with bf16 matmuls).
+        gflops_per_slice: the generator's GFLOPs per slice as it runs (eval margin included).
+
+    Returns:
+        The matmul GFLOP/s per precision, and per path GFLOP/s, share of that matmul speed and slices/s.
+    """
+    peak = {"float32": matmul_gflops(torch.float32), "bfloat16": matmul_gflops(torch.bfloat16)}
+    paths = {}
+    for name, seconds in s_per_slice.items():
+        ref = peak["bfloat16" if name == "torch_bf16" else "float32"]
+        achieved = gflops_per_slice / seconds
+        paths[name] = {"gflop_per_s": achieved, "share_of_matmul": achieved / ref}
+    return {
+        "matmul_gflop_per_s": peak,
+        "generator_gflops_per_slice": gflops_per_slice,
+        "network_ceiling_slices_per_s_at_matmul_speed": {k: v / gflops_per_slice for k, v in peak.items()},
+        "paths": paths,
+    }
+
+
 def bench_denoise(quick: bool) -> dict[str, Any]:
-    """Network-only s/slice of each inference path on 512x512, and the quality cost of bf16."""
+    """Network-only s/slice of each inference path on 512x512, the roofline, and the quality cost of bf16."""
     from ldct_lightning.inference import Denoiser
+    from ldct_lightning.models import count_flops
 
     device = _device()
     n = DENOISE_BATCH if quick else 2 * DENOISE_BATCH
@@ -297,6 +337,7 @@ def bench_denoise(quick: bool) -> dict[str, Any]:
             seconds = _timeit(forward, repeat=1 if quick else 3)
             out["network_s_per_slice"][name] = seconds / DENOISE_BATCH
             outputs[name] = denoiser.denoise(hu)
+    out["roofline"] = roofline(out["network_s_per_slice"], count_flops(generator).gflops)
     ref = outputs["torch_plain"]
     out["max_abs_diff_hu_vs_torch_plain"] = {k: float(np.abs(v - ref).max()) for k, v in outputs.items()}
     bf16 = outputs["torch_bf16"]
@@ -496,6 +537,8 @@ SECTIONS: dict[str, Callable[[bool], dict[str, Any]]] = {
     "bf16_quality": bench_bf16_quality,
     "gpu": bench_gpu,
 }
+# sections that time inference in this process: glibc malloc set as in ldct-denoise (allocator.py)
+INFERENCE_SECTIONS = ("denoise", "bf16_quality")
 
 
 def _run_section(name: str, quick: bool) -> dict[str, Any]:
@@ -560,7 +603,9 @@ def main(argv: list[str] | None = None) -> int:
         return rc
 
     if args.section:  # child process: run one section, write its JSON, report peak RSS
-        result = SECTIONS[args.section](args.quick)
+        # as ldct-denoise does (the training sections measure train.py, which leaves malloc as it is)
+        kept = keep_freed_memory() if args.section in INFERENCE_SECTIONS else False
+        result = {"keep_freed_memory": kept, **SECTIONS[args.section](args.quick)}
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         Path(args.section_out).write_text(json.dumps(result))
         return 0

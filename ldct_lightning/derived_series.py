@@ -27,6 +27,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from tqdm import tqdm
 
+from ldct_lightning.allocator import TRIM_EVERY_SLICES, release_freed_memory
 from ldct_lightning.data.dicom import DicomError, DicomScan, SeriesInfo, iter_series_hu
 from ldct_lightning.data.dicom_write import hu_to_stored, save_atomic
 from ldct_lightning.inference import Denoiser
@@ -225,6 +226,8 @@ def write_denoised_series(
             path = tmp / f"IM{i + 1:06d}.dcm"
             args = (series.files[i], hu, source_hu, path, new_series_uid, suffix, derivation)
             pending.append(writer.submit(_write_slice, *args))
+            if (i + 1) % TRIM_EVERY_SLICES == 0:
+                release_freed_memory()
             while pending and (len(pending) > ahead or pending[0].done()):
                 pending.popleft().result()  # a write error stops the series now
                 bar.update(1)
@@ -233,6 +236,7 @@ def write_denoised_series(
             bar.update(1)
         writer.shutdown(wait=True)
         replace_folder(tmp, final)
+        release_freed_memory()
     finally:
         writer.shutdown(wait=True, cancel_futures=True)
         bar.close()
