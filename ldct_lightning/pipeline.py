@@ -285,22 +285,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def _user_error(exc: BaseException) -> BaseException | None:
     """The bad-input error (data, config, checkpoint, file system) in ``exc`` or its causes, if any."""
-    from ldct_lightning.callbacks import NonFiniteLossError
-    from ldct_lightning.data.datamodule import DataConfigError
-    from ldct_lightning.data.dicom import DicomError
-    from ldct_lightning.data.pairing import PairingError
-    from ldct_lightning.privacy import PrivacyError
-
-    expected = (
-        DicomError,
-        PrivacyError,
-        PairingError,
-        DataConfigError,
-        ConfigError,
-        CheckpointError,
-        NonFiniteLossError,
-        OSError,
-    )
+    expected = (LDCTError, OSError)
     for _ in range(10):  # hydra.utils.instantiate wraps the errors of constructors
         if exc is None or isinstance(exc, expected):
             return exc

@@ -369,29 +369,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         The exit code: 0 success, 2 bad input, 130 interrupted.
     """
     args = build_parser().parse_args(argv)
-    from ldct_lightning.data.datamodule import DataConfigError
-    from ldct_lightning.data.dicom import DicomError
-    from ldct_lightning.data.pairing import PairingError
-    from ldct_lightning.eval.evaluate import EvaluationError
-    from ldct_lightning.eval.rois import BoxFileError
-    from ldct_lightning.inference import InferenceError
-    from ldct_lightning.modules.handoff import CheckpointError
-
-    known = (
-        EvaluateCLIError,
-        EvaluationError,
-        DataConfigError,
-        DicomError,
-        PairingError,
-        BoxFileError,
-        CheckpointError,
-        InferenceError,
-    )
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
             return run(args)
-        except known as e:
+        except LDCTError as e:
             print(f"{PROG}: error: {e}", file=sys.stderr)
             return 2
         except OSError as e:

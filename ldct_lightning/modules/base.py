@@ -40,15 +40,6 @@ def optimizer_config(
     return config
 
 
-def step_schedulers(module: L.LightningModule) -> None:
-    """Step every LR scheduler once (manual optimization: Lightning does not)."""
-    schedulers = module.lr_schedulers()
-    if schedulers is None:
-        return
-    for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
-        scheduler.step()
-
-
 def _window_metrics(prefix: str) -> MetricCollection:
     return MetricCollection(
         {

@@ -13,6 +13,7 @@ process keeps its own image pool.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -20,13 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldct_lightning.data.normalize import HU_MAX, HU_MIN
-from ldct_lightning.modules.base import (
-    DenoisingModule,
-    OptimizerFactory,
-    SchedulerFactory,
-    optimizer_config,
-    step_schedulers,
-)
+from ldct_lightning.modules.adversarial import AdversarialModule
+from ldct_lightning.modules.base import OptimizerFactory, SchedulerFactory
 from ldct_lightning.modules.pix2pix import source_target
 
 
@@ -87,7 +83,7 @@ def lsgan_loss(scores: torch.Tensor, real: bool) -> torch.Tensor:
     return F.mse_loss(scores, target)
 
 
-class CycleGANModule(DenoisingModule):
+class CycleGANModule(AdversarialModule):
     """CycleGAN with LSGAN losses, cycle consistency and identity terms (the reference's defaults).
 
     With ``G`` = ``generator`` (LDCT -> NDCT), ``F`` = ``generator_b`` (NDCT -> LDCT), ``D_N`` / ``D_L``
@@ -105,16 +101,12 @@ class CycleGANModule(DenoisingModule):
         generator_b: NDCT -> LDCT.
         discriminator_ndct: judges NDCT-domain images (real NDCT against ``generator``'s outputs).
         discriminator_ldct: judges LDCT-domain images (real LDCT against ``generator_b``'s outputs).
-        optimizer_g: a partial optimizer taking both generators' parameters (Hydra ``_partial_: true``).
-        optimizer_d: a partial optimizer taking both discriminators' parameters.
-        scheduler_g: a partial LR scheduler for ``optimizer_g``, stepped once per epoch; or None.
-        scheduler_d: the same for ``optimizer_d``.
+        optimizer_g, optimizer_d, scheduler_g, scheduler_d: see :class:`AdversarialModule` (the generator side
+            is both generators, the discriminator side both discriminators).
         lambda_cycle: weight of both cycle terms (10 in CycleGAN).
         lambda_identity: weight of the identity terms relative to ``lambda_cycle`` (0.5 in CycleGAN; 0: off).
         pool_size: images kept by each :class:`ImagePool` (50 in CycleGAN).
-        panel_every_n_epochs: see :class:`DenoisingModule`.
-        hu_min: HU mapped to 0 by the data normalisation.
-        hu_max: HU mapped to 1 by the data normalisation.
+        panel_every_n_epochs, hu_min, hu_max: see :class:`DenoisingModule`.
     """
 
     def __init__(
@@ -135,6 +127,7 @@ class CycleGANModule(DenoisingModule):
         hu_max: float = HU_MAX,
     ) -> None:
         super().__init__(generator, panel_every_n_epochs, hu_min, hu_max)
+        self.use_optimizers((optimizer_g, optimizer_d), (scheduler_g, scheduler_d))
         if lambda_cycle < 0 or lambda_identity < 0:
             raise ValueError(f"lambda_cycle={lambda_cycle}, lambda_identity={lambda_identity}: must be >= 0")
         self.save_hyperparameters(
@@ -149,12 +142,9 @@ class CycleGANModule(DenoisingModule):
                 "scheduler_d",
             ]
         )
-        self.automatic_optimization = False
         self.generator_b = generator_b
         self.discriminator_ndct = discriminator_ndct
         self.discriminator_ldct = discriminator_ldct
-        self.optimizer_factories = (optimizer_g, optimizer_d)
-        self.scheduler_factories = (scheduler_g, scheduler_d)
         self.lambda_cycle = lambda_cycle
         self.lambda_identity = lambda_identity
         self.pool_ndct = ImagePool(pool_size)  # generated NDCT-like images, for discriminator_ndct
@@ -206,34 +196,18 @@ class CycleGANModule(DenoisingModule):
                 "train/loss_d_ndct": loss_d_ndct.detach(),
                 "train/loss_d_ldct": loss_d_ldct.detach(),
                 **{f"train/{k}": v.detach() for k, v in terms.items()},
+                **self.grad_norm_logs(),
             },
             batch_size=batch_size,
         )
-        self.log_dict(
-            {
-                "train/lr_generator": opt_g.param_groups[0]["lr"],
-                "train/lr_discriminator": opt_d.param_groups[0]["lr"],
-            },
-            on_step=False,
-            on_epoch=True,
-            batch_size=batch_size,
-        )
+        self.log_learning_rates(batch_size)
 
     @staticmethod
     def _discriminator_loss(discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
         return 0.5 * (lsgan_loss(discriminator(real), True) + lsgan_loss(discriminator(fake), False))
 
-    def on_train_epoch_end(self) -> None:
-        step_schedulers(self)
+    def generator_parameters(self) -> Iterator[nn.Parameter]:
+        return itertools.chain(self.generator.parameters(), self.generator_b.parameters())
 
-    def configure_optimizers(self) -> list[dict[str, Any]]:
-        make_g, make_d = self.optimizer_factories
-        sched_g, sched_d = self.scheduler_factories
-        generators = itertools.chain(self.generator.parameters(), self.generator_b.parameters())
-        discriminators = itertools.chain(
-            self.discriminator_ndct.parameters(), self.discriminator_ldct.parameters()
-        )
-        return [
-            optimizer_config(generators, make_g, sched_g),
-            optimizer_config(discriminators, make_d, sched_d),
-        ]
+    def discriminator_parameters(self) -> Iterator[nn.Parameter]:
+        return itertools.chain(self.discriminator_ndct.parameters(), self.discriminator_ldct.parameters())

@@ -12,6 +12,7 @@ update; ``trainer.global_step`` advances by 2. Schedulers are stepped once per e
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -19,13 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldct_lightning.data.normalize import HU_MAX, HU_MIN
-from ldct_lightning.modules.base import (
-    DenoisingModule,
-    OptimizerFactory,
-    SchedulerFactory,
-    optimizer_config,
-    step_schedulers,
-)
+from ldct_lightning.modules.adversarial import AdversarialModule
+from ldct_lightning.modules.base import OptimizerFactory, SchedulerFactory
 
 
 def source_target(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +48,7 @@ def bce_gan_loss(logits: torch.Tensor, real: bool) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, target)
 
 
-class Pix2PixModule(DenoisingModule):
+class Pix2PixModule(AdversarialModule):
     """Pix2Pix: the discriminator sees (input, output) pairs; the generator loss adds ``lambda_l1`` x L1.
 
     Discriminator loss: ``0.5 [BCE(D(x, y), 1) + BCE(D(x, G(x)), 0)]``; generator loss:
@@ -63,14 +59,9 @@ class Pix2PixModule(DenoisingModule):
         generator: the network used at inference, e.g. :class:`ldct_lightning.models.pix2pix.UNetGenerator`.
         discriminator: a conditional discriminator taking the input and an output image concatenated along
             the channels, e.g. ``PatchGANDiscriminator(in_channels=2)``; returns logits.
-        optimizer_g: a partial optimizer taking the generator's parameters (Hydra ``_partial_: true``).
-        optimizer_d: a partial optimizer taking the discriminator's parameters.
-        scheduler_g: a partial LR scheduler for ``optimizer_g``, stepped once per epoch; or None.
-        scheduler_d: the same for ``optimizer_d``.
+        optimizer_g, optimizer_d, scheduler_g, scheduler_d: see :class:`AdversarialModule`.
         lambda_l1: weight of the L1 term (100 in Pix2Pix).
-        panel_every_n_epochs: see :class:`DenoisingModule`.
-        hu_min: HU mapped to 0 by the data normalisation.
-        hu_max: HU mapped to 1 by the data normalisation.
+        panel_every_n_epochs, hu_min, hu_max: see :class:`DenoisingModule`.
     """
 
     def __init__(
@@ -87,6 +78,7 @@ class Pix2PixModule(DenoisingModule):
         hu_max: float = HU_MAX,
     ) -> None:
         super().__init__(generator, panel_every_n_epochs, hu_min, hu_max)
+        self.use_optimizers((optimizer_g, optimizer_d), (scheduler_g, scheduler_d))
         if lambda_l1 < 0:
             raise ValueError(f"lambda_l1={lambda_l1}: must be >= 0")
         d_in = getattr(discriminator, "in_channels", None)
@@ -99,11 +91,11 @@ class Pix2PixModule(DenoisingModule):
         self.save_hyperparameters(
             ignore=["generator", "discriminator", "optimizer_g", "optimizer_d", "scheduler_g", "scheduler_d"]
         )
-        self.automatic_optimization = False
         self.discriminator = discriminator
-        self.optimizer_factories = (optimizer_g, optimizer_d)
-        self.scheduler_factories = (scheduler_g, scheduler_d)
         self.lambda_l1 = lambda_l1
+
+    def discriminator_parameters(self) -> Iterator[nn.Parameter]:
+        return self.discriminator.parameters()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         ldct, ndct = source_target(batch)
@@ -136,29 +128,8 @@ class Pix2PixModule(DenoisingModule):
                 # mean probability the discriminator gives real and generated pairs (before its update)
                 "train/d_real": torch.sigmoid(logits_real.detach()).mean(),
                 "train/d_fake": torch.sigmoid(logits_fake.detach()).mean(),
+                **self.grad_norm_logs(),
             },
             batch_size=batch_size,
         )
-        self.log_dict(
-            {
-                "train/lr_generator": opt_g.param_groups[0]["lr"],
-                "train/lr_discriminator": opt_d.param_groups[0]["lr"],
-            },
-            on_step=False,
-            on_epoch=True,
-            batch_size=batch_size,
-        )
-
-    def on_train_epoch_end(self) -> None:
-        step_schedulers(self)
-
-    def configure_optimizers(self) -> list[dict[str, Any]]:
-        return [
-            optimizer_config(net.parameters(), make_opt, make_sched)
-            for net, make_opt, make_sched in zip(
-                (self.generator, self.discriminator),
-                self.optimizer_factories,
-                self.scheduler_factories,
-                strict=True,
-            )
-        ]
+        self.log_learning_rates(batch_size)

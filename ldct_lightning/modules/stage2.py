@@ -25,6 +25,7 @@ Beyond eq. 9 (each off by the module's defaults; the configs' default turns them
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -32,13 +33,8 @@ from torch import nn
 
 from ldct_lightning.data.normalize import HU_MAX, HU_MIN
 from ldct_lightning.losses import Stage2Fidelity, gradient_penalty
-from ldct_lightning.modules.base import (
-    DenoisingModule,
-    OptimizerFactory,
-    SchedulerFactory,
-    optimizer_config,
-    step_schedulers,
-)
+from ldct_lightning.modules.adversarial import AdversarialModule
+from ldct_lightning.modules.base import OptimizerFactory, SchedulerFactory
 from ldct_lightning.modules.ema import ema_update, frozen_copy
 from ldct_lightning.modules.handoff import load_generator_weights
 
@@ -58,7 +54,7 @@ def masked_l1(pred: torch.Tensor, batch: dict[str, Any], weight: float) -> torch
     return ((pred - batch["registered"]).abs() * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-class Stage2Module(DenoisingModule):
+class Stage2Module(AdversarialModule):
     """Adversarial generator training with a Wasserstein critic and gradient penalty on ``unaligned`` batches.
 
     Critic loss: ``D(G(ldct)) - D(ndct) + lambda_gp * GP``; generator loss: ``-D(G(ldct))`` plus, optionally,
@@ -102,6 +98,8 @@ class Stage2Module(DenoisingModule):
         hu_max: HU mapped to 1 by the data normalisation.
     """
 
+    discriminator_name = "critic"
+
     def __init__(
         self,
         generator: nn.Module,
@@ -126,6 +124,7 @@ class Stage2Module(DenoisingModule):
         hu_max: float = HU_MAX,
     ) -> None:
         super().__init__(generator, panel_every_n_epochs, hu_min, hu_max)
+        self.use_optimizers((optimizer_g, optimizer_c), (scheduler_g, scheduler_c))
         self.freeze_generator_norm = freeze_generator_norm
         if n_critic < 1:
             raise ValueError(f"n_critic={n_critic}: must be at least 1")
@@ -151,10 +150,7 @@ class Stage2Module(DenoisingModule):
                 "fidelity",
             ]
         )
-        self.automatic_optimization = False
         self.critic = critic
-        self.optimizer_factories = (optimizer_g, optimizer_c)
-        self.scheduler_factories = (scheduler_g, scheduler_c)
         self.n_critic = n_critic
         self.lambda_gp = lambda_gp
         self.content_weight = content_weight
@@ -181,7 +177,9 @@ class Stage2Module(DenoisingModule):
             self.strict_loading = False
         self.ema_decay = ema_decay
         self.ema_generator = frozen_copy(self.generator) if ema_decay is not None else None
-        self._grad_norms: dict[str, torch.Tensor] = {}
+
+    def discriminator_parameters(self) -> Iterator[nn.Parameter]:
+        return self.critic.parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Denoise with the EMA generator when there is one (validation, prediction), else the trained one."""
@@ -270,7 +268,7 @@ class Stage2Module(DenoisingModule):
             "train/loss_critic": loss_c.detach(),
         }
         if warmup:
-            norms = {f"train/grad_norm_{k}": v for k, v in self._grad_norms.items() if k == "critic"}
+            norms = self.grad_norm_logs(self.discriminator_name)
             self.log_dict({**critic_logs, **norms, "train/critic_warmup": 1.0}, batch_size=batch_size)
             return
 
@@ -307,36 +305,8 @@ class Stage2Module(DenoisingModule):
                 **critic_logs,
                 "train/critic_warmup": 0.0,
                 "train/loss_adversarial": loss_adv.detach(),
-                **{f"train/grad_norm_{name}": norm for name, norm in self._grad_norms.items()},
+                **self.grad_norm_logs(),
             },
             batch_size=batch_size,
         )
-        self.log_dict(
-            {
-                "train/lr_generator": opt_g.param_groups[0]["lr"],
-                "train/lr_critic": opt_c.param_groups[0]["lr"],
-            },
-            on_step=False,
-            on_epoch=True,
-            batch_size=batch_size,
-            sync_dist=True,
-        )
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # called after the precision plugin unscales 16-mixed gradients, so the norm is the true one
-        opt_g, _ = self.optimizers()
-        name = "generator" if optimizer is opt_g.optimizer else "critic"
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if grads:
-            self._grad_norms[name] = torch.nn.utils.get_total_norm(grads).detach()
-
-    def on_train_epoch_end(self) -> None:
-        step_schedulers(self)
-
-    def configure_optimizers(self) -> list[dict[str, Any]]:
-        return [
-            optimizer_config(net.parameters(), make_opt, make_sched)
-            for net, make_opt, make_sched in zip(
-                (self.generator, self.critic), self.optimizer_factories, self.scheduler_factories, strict=True
-            )
-        ]
+        self.log_learning_rates(batch_size)
