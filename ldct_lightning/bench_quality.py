@@ -174,7 +174,8 @@ def rois_below_input(summary_csv: Path, methods: list[str]) -> dict[str, list[st
             name(roi, metric)
             for roi, metric in scored
             if (method, roi, metric) in records
-            and float(records[(method, roi, metric)]["mean"]) < float(records[(INPUT_ROW, roi, metric)]["mean"])
+            and float(records[(method, roi, metric)]["mean"])
+            < float(records[(INPUT_ROW, roi, metric)]["mean"])
         )
         for method in methods
     }
