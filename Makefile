@@ -63,9 +63,8 @@ demo: data-demo  ## the main job: demo data, stage 1, stage 2, evaluation and ou
 	@$(MAKE) --no-print-directory evaluate
 
 evaluate: install  ## evaluate the demo run (LDCT, firstStep, proposed) on the held-out demo patients
-	@first=$$(ls -t $(DEMO_RUN)/first/checkpoints/best-*.ckpt | head -n 1); \
-	echo "+ ldct-evaluate --data $(DEMO_DATA) --method firstStep=$$first --method proposed=$(DEMO_RUN)/second/checkpoints/last.ckpt --proposed proposed --out $(DEMO_OUT) --overwrite"; \
-	ldct-evaluate --data $(DEMO_DATA) --method firstStep=$$first --method proposed=$(DEMO_RUN)/second/checkpoints/last.ckpt --proposed proposed --out $(DEMO_OUT) --overwrite
+	@echo "+ ldct-evaluate --data $(DEMO_DATA) --run $(DEMO_RUN) --proposed proposed --out $(DEMO_OUT) --overwrite"
+	@ldct-evaluate --data $(DEMO_DATA) --run $(DEMO_RUN) --proposed proposed --out $(DEMO_OUT) --overwrite
 	@echo "# report: $(DEMO_OUT)/report.md"
 
 report: install  ## rebuild the report (tables, statistics, figures) from an evaluation folder

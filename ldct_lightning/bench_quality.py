@@ -20,12 +20,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ldct_lightning.atomic import write_text_atomic
 from ldct_lightning.bench import machine
 from ldct_lightning.cli import evaluate as evaluate_cli
-from ldct_lightning.eval.run_names import split_seed
+from ldct_lightning.runs import RunError, Sweep, split_seed
 
 PROG = "python -m ldct_lightning.bench_quality"
 # (summary.csv metric, JSON key, Markdown header, digits)
@@ -46,20 +44,21 @@ def sweep_jobs(sweep: Path) -> list[dict[str, Any]]:
     """Each finished job of a multirun: its method name, stages with budget and cost, and checkpoints.
 
     Args:
-        sweep: the multirun folder (``<n>_<name>_s<seed>/`` with ``run_info.yaml`` and ``summary.yaml``).
+        sweep: the multirun folder (:class:`ldct_lightning.runs.Sweep`).
 
     Returns:
         One dict per job: ``name``, ``dir`` and ``stages`` (stage -> epochs, crops per epoch, batch, crop size,
         training batches, fit seconds, device, best and last checkpoint).
+
+    Raises:
+        RunError: no job has finished.
     """
     jobs = []
-    for summary_file in sorted(sweep.glob("*/summary.yaml")):
-        summary = yaml.safe_load(summary_file.read_text()) or {}
-        config = yaml.safe_load((summary_file.parent / "run_info.yaml").read_text())["config"]
+    for run in Sweep(sweep).jobs():
         stages = {}
-        for stage, result in summary.items():
-            stage_cfg = config["stages"][stage]
-            data = {**config["data"], **stage_cfg.get("data", {})}
+        for stage, result in run.summary().items():
+            stage_cfg = run.stage_config(stage)
+            data = stage_cfg["data"]
             stages[stage] = {
                 "epochs": stage_cfg["max_epochs"],
                 "crops_per_epoch": data.get("samples_per_epoch"),
@@ -71,7 +70,7 @@ def sweep_jobs(sweep: Path) -> list[dict[str, Any]]:
                 "best_ckpt": result.get("best_ckpt"),
                 "last_ckpt": result.get("last_ckpt"),
             }
-        jobs.append({"name": config["ablation"]["name"], "dir": str(summary_file.parent), "stages": stages})
+        jobs.append({"name": run.ablation, "dir": str(run.root), "stages": stages})
     return jobs
 
 
@@ -339,7 +338,7 @@ def training_costs(jobs: list[dict[str, Any]], proposed: str) -> dict[str, str]:
 
 def evaluated_name(args: argparse.Namespace) -> str:
     """The proposed method's name as ``ldct-evaluate --sweep`` names it: its first seed's row with several seeds."""
-    names = list(evaluate_cli.sweep_methods(args.sweep))
+    names = list(Sweep(args.sweep).methods())
     if args.proposed in names:
         return args.proposed
     seeded = sorted(
@@ -407,9 +406,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.sweep.is_dir():
         print(f"{PROG}: error: --sweep {args.sweep}: not a folder. Run the multirun first", file=sys.stderr)
         return 2
-    jobs = sweep_jobs(args.sweep)
-    if not jobs:
-        print(f"{PROG}: error: --sweep {args.sweep}: no finished job (no */summary.yaml)", file=sys.stderr)
+    try:
+        jobs = sweep_jobs(args.sweep)
+    except RunError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     evaluation = args.evaluation or args.sweep / "evaluation"
     if not args.no_evaluate:

@@ -4,11 +4,11 @@ The generator works in the normalised domain of :mod:`ldct_lightning.data.normal
 [-1024, 3071] and scaled to [0, 1]); :class:`Denoiser` maps HU in and out, batches slices, and for large
 matrices runs overlapping tiles blended with linear ramps.
 
-A Lightning checkpoint does not say the generator's architecture (modules save their hyperparameters without
-the networks), so :meth:`Denoiser.from_checkpoint` takes it explicitly, or from the run's ``run_info.yaml``
-(``<run>/<stage>/checkpoints/x.ckpt`` -> ``<run>/run_info.yaml``, key ``config.model.generator``), or falls back
-to the default :class:`~ldct_lightning.models.generator.AttentionResUNet`. Weights load with
-``weights_only=True``; no config object is ever unpickled.
+:meth:`Denoiser.from_checkpoint` takes the generator's architecture explicitly, or from the checkpoint's own
+record (``DenoisingModule.on_save_checkpoint``), or, for checkpoints from before that record, from the run the
+checkpoint lies in (:class:`ldct_lightning.runs.Run`, ``config.model.generator``), or falls back to the default
+:class:`~ldct_lightning.models.generator.AttentionResUNet`. Weights load with ``weights_only=True``; no config
+object is ever unpickled.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from ldct_lightning.inference_backends import (
 )
 from ldct_lightning.models.generator import AttentionResUNet
 from ldct_lightning.modules.handoff import CHECKPOINT_META, load_generator_weights, read_checkpoint
+from ldct_lightning.runs import Run
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +53,6 @@ _HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 class InferenceError(LDCTError):
     """A setting or input that inference cannot use; ``str(e)`` names it, the problem and what to do."""
-
-
-def run_info_path(checkpoint_path: str | Path) -> Path | None:
-    """Where the run's ``run_info.yaml`` lies for ``<run>/<stage>/checkpoints/x.ckpt``.
-
-    Args:
-        checkpoint_path: a checkpoint file.
-
-    Returns:
-        ``<run>/run_info.yaml`` (it may not exist), or None when the path is too shallow to be in a run.
-    """
-    parents = Path(checkpoint_path).resolve().parents
-    return parents[2] / "run_info.yaml" if len(parents) > 2 else None
 
 
 def load_generator_config(path: str | Path) -> dict[str, Any]:
@@ -319,13 +307,14 @@ class Denoiser:
         checkpoint = read_checkpoint(path)
         meta = checkpoint.get(CHECKPOINT_META) or {}
         hparams = checkpoint.get("hyper_parameters") or {}
-        info = run_info_path(path)
+        run = Run.of_checkpoint(path)
+        run_generator = run.generator_config() if run is not None else None
         if generator_kwargs is not None:
             config, source = dict(generator_kwargs), "generator_kwargs"
         elif isinstance(meta.get("generator"), Mapping):
             config, source = dict(meta["generator"]), f"{path.name} (the checkpoint's own config)"
-        elif info is not None and info.is_file():
-            config, source = load_generator_config(info), str(info)
+        elif run is not None and run_generator is not None:
+            config, source = run_generator, str(run.info_path)
         else:
             config, source = {}, "defaults"
         log.info("generator architecture from %s", source)

@@ -1,7 +1,6 @@
 """Runs the stages an ablation asks for, from a composed Hydra config (``train.py`` is a thin wrapper).
 
-A run directory holds ``run_info.yaml`` (resolved config, git commit, split hash) and one folder per stage
-(``first/``, ``second/``) with its checkpoints and logs.
+The run folder's layout (``run_info.yaml``, ``summary.yaml``, one folder per stage) is :mod:`ldct_lightning.runs`'s.
 """
 
 from __future__ import annotations
@@ -19,9 +18,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from ldct_lightning.data.pairing import write_yaml_atomic
 from ldct_lightning.errors import LDCTError
-from ldct_lightning.modules.handoff import CheckpointError, find_latest_checkpoint
+from ldct_lightning.runs import CheckpointError, Run, latest_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +81,8 @@ def write_run_info(run_dir: Path, cfg: DictConfig, split_hash: str | None) -> No
     """Write the resolved config, git commit and data split hash beside the run's outputs (rank 0 only)."""
     if rank_zero_only.rank != 0:  # DDP: every rank runs this script; one writes the run's files
         return
-    info = {
-        "git_commit": git_commit(Path(__file__).resolve().parent),
-        "split_inputs_hash": split_hash,
-        "config": OmegaConf.to_container(cfg, resolve=True),
-    }
-    write_yaml_atomic(info, run_dir / "run_info.yaml")
+    config = OmegaConf.to_container(cfg, resolve=True)
+    Run(run_dir).write_info(config, git_commit(Path(__file__).resolve().parent), split_hash)
 
 
 def build_loggers(cfg: DictConfig, stage_dir: Path, stage: str, resuming: bool = False) -> list[Any]:
@@ -111,13 +105,13 @@ def build_loggers(cfg: DictConfig, stage_dir: Path, stage: str, resuming: bool =
     return loggers
 
 
-def build_callbacks(cfg: DictConfig, stage_dir: Path) -> list[Any]:
-    """Instantiate the configured callbacks; checkpoints go to ``<stage_dir>/checkpoints``."""
+def build_callbacks(cfg: DictConfig, checkpoint_dir: Path) -> list[Any]:
+    """Instantiate the configured callbacks; checkpoints go to ``checkpoint_dir``."""
     callbacks = []
     for name, cb_cfg in (cfg.get("callbacks") or {}).items():
         if cb_cfg is None:  # switched off, e.g. `callbacks.lr_monitor=null`
             continue
-        kwargs = {"dirpath": str(stage_dir / "checkpoints")} if name == "model_checkpoint" else {}
+        kwargs = {"dirpath": str(checkpoint_dir)} if name == "model_checkpoint" else {}
         callbacks.append(instantiate(cb_cfg, **kwargs))
     return callbacks
 
@@ -137,9 +131,7 @@ def latest_stage1_checkpoint(log_dir: Path, experiment_name: str) -> Path:
     found = []
     for kind in ("runs", "multiruns"):
         try:
-            found.append(
-                find_latest_checkpoint(log_dir / kind / experiment_name, stage_dir="first", which="best")
-            )
+            found.append(latest_checkpoint(log_dir / kind / experiment_name, stage="first", which="best"))
         except CheckpointError:
             pass
     if not found:
@@ -172,11 +164,11 @@ def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def resolve_ckpt_path(ckpt_path: str | None, stage_dir: Path) -> str | None:
+def resolve_ckpt_path(ckpt_path: str | None, run: Run, stage: str) -> str | None:
     """``last`` means this stage's last.ckpt in the run directory (when it exists)."""
     if ckpt_path == "last":
-        last = stage_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
+        last = run.resume_checkpoint(stage)
+        return str(last) if last is not None else None
     return ckpt_path
 
 
@@ -194,7 +186,8 @@ def train_stage(cfg: DictConfig, stage: str, run_dir: Path, init_ckpt: str | Non
         ``fit_seconds``, ``train_batches`` and ``device``.
     """
     stage_cfg = cfg.stages[stage]
-    stage_dir = run_dir / stage
+    run = Run(run_dir)
+    stage_dir = run.stage_dir(stage)
     datamodule = instantiate(cfg.data, **OmegaConf.to_container(stage_cfg.data, resolve=True))
     # scan, split and cache here, once, before any DDP rank starts (and so the split is known here)
     datamodule.prepare_data()
@@ -205,7 +198,7 @@ def train_stage(cfg: DictConfig, stage: str, run_dir: Path, init_ckpt: str | Non
     module = instantiate(stage_cfg.module, **nets)
     # every checkpoint of the stage carries the generator's config (a checkpoint alone is enough to denoise)
     module.generator_config = OmegaConf.to_container(cfg.model.generator, resolve=True)
-    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, stage_dir)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run, stage)
     extra: dict[str, Any] = {}
     if _in_multirun() and cfg.trainer.get("strategy"):
         extra["strategy"] = multirun_safe_strategy(cfg.trainer.strategy)
@@ -219,7 +212,7 @@ def train_stage(cfg: DictConfig, stage: str, run_dir: Path, init_ckpt: str | Non
         max_epochs=stage_cfg.max_epochs,
         default_root_dir=str(stage_dir),
         logger=build_loggers(cfg, stage_dir, stage, resuming=ckpt_path is not None) or False,
-        callbacks=build_callbacks(cfg, stage_dir),
+        callbacks=build_callbacks(cfg, run.checkpoint_dir(stage)),
     )
     log.info("stage %s: training for %d epochs in %s", stage, stage_cfg.max_epochs, stage_dir)
     started = time.perf_counter()
@@ -247,7 +240,7 @@ def check_run_dir(cfg: DictConfig, run_dir: Path, stages: list[str]) -> None:
     if cfg.ckpt_path is not None:
         return
     for stage in stages:
-        found = sorted((run_dir / stage / "checkpoints").glob("*.ckpt"))
+        found = Run(run_dir).saved_checkpoints(stage)
         if found:
             raise ConfigError(
                 f"paths.output_dir={str(run_dir)!r} (hydra.run.dir) already holds checkpoints of stage {stage} "
@@ -279,7 +272,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         summary[stage] = train_stage(cfg, stage, run_dir, init)
         write_run_info(run_dir, cfg, summary[stage]["split_inputs_hash"])
     if rank_zero_only.rank == 0:
-        write_yaml_atomic(summary, run_dir / "summary.yaml")
+        Run(run_dir).write_summary(summary)
     return summary
 
 

@@ -230,11 +230,11 @@ def _job(sweep: Path, folder: str, name: str, stages: list[str], seed: int = 42)
 
 
 def test_sweep_rows_add_first_step_from_a_two_stage_proposed_job(tmp_path: Path) -> None:
-    from ldct_lightning.cli.evaluate import sweep_methods
+    from ldct_lightning.runs import Sweep
 
     _job(tmp_path / "a", "0_proposed_s42", "proposed", ["first", "second"])
     _job(tmp_path / "a", "1_redcnn_s42", "redcnn", ["first"])
-    rows = {name: str(path) for name, path in sweep_methods(tmp_path / "a").items()}
+    rows = {name: str(path) for name, path in Sweep(tmp_path / "a").methods().items()}
     assert list(rows) == ["proposed", "firstStep", "redcnn"]  # firstStep right after its job
     assert rows == {
         "proposed": f"{tmp_path}/a/0_proposed_s42/second/last.ckpt",
@@ -244,7 +244,9 @@ def test_sweep_rows_add_first_step_from_a_two_stage_proposed_job(tmp_path: Path)
     # a sweep with its own firstStep job (make ablations) keeps that job's row
     _job(tmp_path / "b", "0_proposed_s42", "proposed", ["first", "second"])
     _job(tmp_path / "b", "2_firstStep_s42", "firstStep", ["first"])
-    assert str(sweep_methods(tmp_path / "b")["firstStep"]) == f"{tmp_path}/b/2_firstStep_s42/first/best.ckpt"
+    assert (
+        str(Sweep(tmp_path / "b").methods()["firstStep"]) == f"{tmp_path}/b/2_firstStep_s42/first/best.ckpt"
+    )
 
 
 def test_the_proposed_row_of_a_seeded_sweep_is_its_first_seed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -254,7 +256,7 @@ def test_the_proposed_row_of_a_seeded_sweep_is_its_first_seed(monkeypatch: pytes
         "proposed_s1": Path("c"),
         "redcnn_s1": Path("d"),
     }
-    monkeypatch.setattr(bench_quality.evaluate_cli, "sweep_methods", lambda sweep: names)
+    monkeypatch.setattr(bench_quality.Sweep, "methods", lambda self: names)
     args = bench_quality.build_parser().parse_args(["--data", "d", "--sweep", "s"])
     assert bench_quality.evaluated_name(args) == "proposed_s1"
     args.proposed = "redcnn_s1"
@@ -262,7 +264,7 @@ def test_the_proposed_row_of_a_seeded_sweep_is_its_first_seed(monkeypatch: pytes
 
 
 def test_seeded_names_split_back() -> None:
-    from ldct_lightning.eval.run_names import seeded_name, split_seed
+    from ldct_lightning.runs import seeded_name, split_seed
 
     assert seeded_name("proposed_eq9", 2) == "proposed_eq9_s2"
     assert split_seed("proposed_eq9_s2") == ("proposed_eq9", 2)

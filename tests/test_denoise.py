@@ -18,10 +18,10 @@ from ldct_lightning.inference import (
     Denoiser,
     InferenceError,
     ramp_window,
-    run_info_path,
     tile_starts,
 )
 from ldct_lightning.models.generator import AttentionResUNet
+from ldct_lightning.runs import Run
 
 SECRET_ID = "SECRET-ID-4711"
 SECRET_NAME = "Doe^Secretname"
@@ -150,9 +150,9 @@ def test_half_precision_on_cpu():
 
 def test_from_checkpoint_reads_run_info_and_checks_targets(run_checkpoint, tmp_path):
     ckpt = run_checkpoint()
-    assert run_info_path(ckpt) == ckpt.parents[2] / "run_info.yaml"
+    assert Run.of_checkpoint(ckpt).info_path == ckpt.resolve().parents[2] / "run_info.yaml"
     denoiser = Denoiser.from_checkpoint(ckpt)
-    assert denoiser.generator_source == str(run_info_path(ckpt).resolve())
+    assert denoiser.generator_source == str(Run.of_checkpoint(ckpt).info_path)
     reference = run_checkpoint.generators[ckpt]  # the trained weights, not the initialisation
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(denoiser.generator.state_dict()[key], value)

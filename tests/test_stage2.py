@@ -16,9 +16,10 @@ from torch.utils.data import DataLoader
 
 from ldct_lightning.models.critic import WGANCritic
 from ldct_lightning.models.generator import AttentionResUNet
-from ldct_lightning.modules.handoff import CheckpointError, find_latest_checkpoint, load_generator_weights
+from ldct_lightning.modules.handoff import load_generator_weights
 from ldct_lightning.modules.stage1 import Stage1Module
 from ldct_lightning.modules.stage2 import Stage2Module
+from ldct_lightning.runs import CheckpointError, latest_checkpoint
 
 PATCH = 32
 BATCH = 2
@@ -206,7 +207,7 @@ def test_handoff_loads_the_stage1_generator_exactly(stage1_checkpoint) -> None:
     module = make_stage2(seed=3, generator_init=str(path))
     for k, v in module.generator.state_dict().items():
         assert torch.equal(v, weights[k]), k
-    assert find_latest_checkpoint(path.parents[3], stage_dir="first") == path
+    assert latest_checkpoint(path.parents[3], stage="first") == path
 
 
 def test_handoff_errors_are_clear(stage1_checkpoint, tmp_path: Path) -> None:
@@ -220,9 +221,9 @@ def test_handoff_errors_are_clear(stage1_checkpoint, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="missing.ckpt: no such checkpoint file"):
         load_generator_weights(tiny_generator(), tmp_path / "missing.ckpt")
     with pytest.raises(CheckpointError, match="no last checkpoint under"):
-        find_latest_checkpoint(tmp_path)
+        latest_checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match="no such directory"):
-        find_latest_checkpoint(tmp_path / "nowhere")
+        latest_checkpoint(tmp_path / "nowhere")
 
 
 def test_stage2_checkpoint_reloads_without_the_stage1_file(stage1_checkpoint, tmp_path: Path) -> None:

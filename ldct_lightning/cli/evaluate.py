@@ -16,8 +16,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import yaml
-
 from ldct_lightning.data.split_defaults import (
     data_config_kind,
     data_split_defaults,
@@ -25,7 +23,7 @@ from ldct_lightning.data.split_defaults import (
     split_size,
 )
 from ldct_lightning.errors import LDCTError
-from ldct_lightning.eval.run_names import seeded_name
+from ldct_lightning.runs import Run, RunError, Sweep, method_checkpoints
 
 if TYPE_CHECKING:
     from ldct_lightning.eval.evaluate import Method
@@ -79,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MULTIRUN_DIR",
         help="add one row per job of a train.py multirun (e.g. the three ablations): named by ablation (and "
         "seed when several), stage 2's last checkpoint when the job trained it, else stage 1's best",
+    )
+    p.add_argument(
+        "--run",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="RUN_DIR",
+        help="add the rows of one finished train.py run folder, named as --sweep names them (a proposed run "
+        "that trained both stages also gives the firstStep row); repeatable",
     )
     p.add_argument(
         "--bm3d",
@@ -173,36 +180,15 @@ def parse_methods(specs: Sequence[str]) -> dict[str, Path]:
     return methods
 
 
-def sweep_methods(sweep: Path) -> dict[str, Path]:
-    """Methods of a multirun folder: ``<n>_<ablation>_s<seed>/summary.yaml`` of each finished job.
-
-    A job trains its row's checkpoint: stage 2's last when it trained stage 2, else stage 1's best. A job named
-    ``proposed`` that trained both stages also gives the ``firstStep`` row (its stage-1 best checkpoint) unless
-    the sweep has its own ``firstStep`` job.
-    """
-
-    jobs = sorted(p for p in sweep.glob("*/summary.yaml"))
-    if not jobs:
-        raise EvaluateCLIError(
-            f"--sweep {sweep}: no finished job (no */summary.yaml). Run the multirun first"
-        )
-    rows = []  # (name, seed, checkpoint, derived)
-    for summary_file in jobs:
-        summary = yaml.safe_load(summary_file.read_text()) or {}
-        config = yaml.safe_load((summary_file.parent / "run_info.yaml").read_text())["config"]
-        first, second = summary.get("first") or {}, summary.get("second") or {}
-        first_ckpt = first.get("best_ckpt") or first.get("last_ckpt")
-        ckpt = second.get("last_ckpt") if "second" in summary else first_ckpt
-        if not ckpt:
-            raise EvaluateCLIError(f"{summary_file}: the job saved no checkpoint (was it a debug run?)")
-        name, seed = config["ablation"]["name"], config["seed"]
-        rows.append((name, seed, Path(ckpt), False))
-        if name == "proposed" and "second" in summary and first_ckpt:
-            rows.append(("firstStep", seed, Path(first_ckpt), True))
-    jobs_run = {(name, seed) for name, seed, _, derived in rows if not derived}
-    rows = [row for row in rows if not (row[3] and row[:2] in jobs_run)]
-    several_seeds = len({row[1] for row in rows}) > 1
-    return {seeded_name(name, seed) if several_seeds else name: ckpt for name, seed, ckpt, _ in rows}
+def run_methods(sweep: Path | None, run_dirs: Sequence[Path]) -> dict[str, Path]:
+    """The rows of ``--sweep`` (its finished jobs) and ``--run`` (finished run folders), in that order."""
+    runs = Sweep(sweep).jobs() if sweep is not None else []
+    for run_dir in run_dirs:
+        run = Run(run_dir)
+        if not run.finished:
+            raise RunError(f"--run {run_dir}: no {run.summary_path.name}: not a finished train.py run folder")
+        runs.append(run)
+    return method_checkpoints(runs)
 
 
 def _split_params(args: argparse.Namespace) -> dict[str, object]:
@@ -259,14 +245,13 @@ def run(args: argparse.Namespace) -> int:
     if not args.data.is_dir():
         raise EvaluateCLIError(f"--data {args.data}: not a folder. Give the data set's folder")
     classical = {name: sigma for name, sigma in (("BM3D", args.bm3d), ("NLM", args.nlm)) if sigma is not None}
-    if not args.method and not classical and args.sweep is None:
+    if not args.method and not classical and args.sweep is None and not args.run:
         raise EvaluateCLIError("no --method given: add --method NAME=CHECKPOINT (one per method)")
     methods = parse_methods(args.method)
-    if args.sweep is not None:
-        for name, ckpt in sweep_methods(args.sweep).items():
-            if name in methods:
-                raise EvaluateCLIError(f"--sweep {args.sweep}: method {name!r} is also given by --method")
-            methods[name] = ckpt
+    for name, ckpt in run_methods(args.sweep, args.run).items():
+        if name in methods:
+            raise EvaluateCLIError(f"method {name!r} of --sweep/--run is also given by --method")
+        methods[name] = ckpt
     names = [*methods, *classical]
     for name in classical:
         if name in methods:

@@ -38,7 +38,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from scipy import ndimage
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
@@ -49,6 +48,7 @@ from ldct_lightning.eval.metrics import PAPER, REFERENCE, Record, score_slice
 from ldct_lightning.eval.reader_study import save_stack
 from ldct_lightning.eval.rois import LABEL_IDS, Box, BoxTable, read_boxes, register_rigid
 from ldct_lightning.eval.stats import PatientRecord, per_patient
+from ldct_lightning.runs import Run
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def checkpoint_method(
         CheckpointError: the checkpoint is missing or does not fit the generator.
         InferenceError: a bad generator config or device.
     """
-    from ldct_lightning.inference import Denoiser, run_info_path  # torch model code only when needed
+    from ldct_lightning.inference import Denoiser  # torch model code only when needed
 
     path = Path(path)
     denoiser = Denoiser.from_checkpoint(
@@ -174,18 +174,12 @@ def checkpoint_method(
         overlap=overlap,
         batch_size=batch_size,
     )
-    info_path = run_info_path(path)
-    run_info = None
-    if info_path is not None and info_path.is_file():
-        try:
-            run_info = yaml.safe_load(info_path.read_text())
-        except yaml.YAMLError:
-            run_info = None
-    run_cfg = (run_info or {}).get("config", {}) if isinstance(run_info, Mapping) else {}
-    ablation = (run_cfg.get("ablation") or {}).get("name") if isinstance(run_cfg, Mapping) else None
-    stage = path.parent.parent.name if path.parent.name == "checkpoints" else None
+    run = Run.of_checkpoint(path)
+    run_info = run.info() if run is not None else None
+    ablation = run.ablation if run is not None else None
+    stage = path.parent.parent.name if run is not None else None
     if name is None:
-        name = str(ablation) if ablation else path.stem
+        name = ablation or path.stem
     n_params = sum(p.numel() for p in denoiser.generator.parameters())
     config: dict[str, Any] = {
         "kind": "checkpoint",
@@ -196,7 +190,7 @@ def checkpoint_method(
         "generator_parameters": int(n_params),
         "generator_config_source": denoiser.generator_source,
         "inference": {"device": str(device), "batch_size": batch_size, "half": half, "tile": tile},
-        "run_info_path": str(info_path) if run_info is not None else None,
+        "run_info_path": str(run.info_path) if run_info is not None else None,
         "run_info": run_info,
     }
     where = f"run ablation {ablation}, stage {stage}" if ablation else f"checkpoint {path.name}"

@@ -14,15 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ldct_lightning.errors import LDCTError
+from ldct_lightning.runs import CheckpointError
 
 # the checkpoint key of what a checkpoint says about itself: the generator's config and the HU range
 # (written by DenoisingModule.on_save_checkpoint, read by Denoiser.from_checkpoint)
 CHECKPOINT_META = "ldct_lightning"
-
-
-class CheckpointError(LDCTError):
-    """A checkpoint that cannot initialise the generator; ``str(e)`` names the file and what to do."""
 
 
 def read_checkpoint(checkpoint_path: str | Path) -> dict[str, Any]:
@@ -99,37 +95,3 @@ def load_generator_weights(
                 "(model.generator.*) as the checkpoint's stage"
             )
     generator.load_state_dict(state, strict=True)
-
-
-def find_latest_checkpoint(run_root: str | Path, stage_dir: str = "first", which: str = "last") -> Path:
-    """Find the newest ``<run>/<stage_dir>/checkpoints/*.ckpt`` anywhere under ``run_root``.
-
-    Args:
-        run_root: a directory holding run directories (searched recursively), or one run directory.
-        stage_dir: the stage's folder name inside a run (``first`` or ``second``).
-        which: ``last`` (the ``last.ckpt`` files) or ``best`` (every other ``.ckpt``, e.g. ``best-epoch012.ckpt``).
-
-    Returns:
-        The most recently modified matching checkpoint.
-
-    Raises:
-        CheckpointError: when ``run_root`` does not exist or holds no matching checkpoint.
-    """
-    if which not in ("last", "best"):
-        raise ValueError(f"which={which!r}: use 'last' or 'best'")
-    root = Path(run_root)
-    if not root.is_dir():
-        raise CheckpointError(
-            f"{root}: no such directory. Train stage {stage_dir!r} first or give a checkpoint path"
-        )
-    found = [
-        p
-        for p in root.glob(f"**/{stage_dir}/checkpoints/*.ckpt")
-        if p.is_file() and (p.stem.startswith("last") == (which == "last"))
-    ]
-    if not found:
-        raise CheckpointError(
-            f"{root}: no {which} checkpoint under */{stage_dir}/checkpoints/. "
-            f"Train stage {stage_dir!r} first or give a checkpoint path"
-        )
-    return max(found, key=lambda p: p.stat().st_mtime)
